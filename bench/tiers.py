@@ -1,0 +1,156 @@
+"""Bandwidth of the storage tiers for one chunk of Llama-3.1-8B shape, side by side with memcpy.
+
+One chunk = 32 layers x (K, V) x 256 tokens x 8 KV heads x 128 dims of bf16 = 32 MiB,
+gathered from SGLang's own MHATokenToKVPool on the CPU at scattered slots. Reported in
+one run: torch copy_ of the same bytes (memcpy), CPU-tier store (pool -> slab) and
+retrieve (slab -> pool), disk-tier store (encode + write) and retrieve (read + verify +
+decode, page cache warm) for raw and zstd frames, and the zstd ratio on KV produced by a
+forward pass of a random-weight Llama. GB/s are 1e9 bytes per second of chunk data.
+
+    python bench/tiers.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lmcache_sgl import ops  # noqa: E402
+from lmcache_sgl.codec import ChunkLayout, encode, frame_bytes  # noqa: E402
+from lmcache_sgl.storage import CpuTier, DiskTier  # noqa: E402
+
+LAYERS, HEADS, HEAD_DIM, TOKENS = 32, 8, 128, 256
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_pool(pool_tokens: int):
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    pool = MHATokenToKVPool(
+        pool_tokens, page_size=1, dtype=torch.bfloat16, head_num=HEADS, head_dim=HEAD_DIM,
+        layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+    )
+    for buf in pool.k_buffer + pool.v_buffer:
+        buf.normal_()
+    return pool
+
+
+def kv_of_random_llama(tokens: int) -> tuple[ChunkLayout, torch.Tensor]:
+    """K and V of a forward pass of a random-weight Llama (GQA, bf16), as one chunk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=4096, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=8192,
+    )
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, cfg.vocab_size, (1, tokens)), use_cache=True).past_key_values
+    k = torch.stack([layer.keys[0].transpose(0, 1) for layer in cache.layers])  # [L, T, H, D]
+    v = torch.stack([layer.values[0].transpose(0, 1) for layer in cache.layers])
+    kv = torch.stack([k, v]).contiguous()
+    return ChunkLayout("mha", "bfloat16", tuple(kv.shape)), kv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (finishes in well under 60 s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dir", default=None, help="directory for the disk tier (default: a temp dir under bench/out)")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 20
+
+    pool = make_pool(4 * TOKENS)
+    buffers = pool.k_buffer + pool.v_buffer
+    layout = ChunkLayout("mha", "bfloat16", (2, LAYERS, TOKENS, HEADS, HEAD_DIM))
+    nbytes = layout.nbytes
+    slots = torch.randperm(4 * TOKENS)[:TOKENS].add(1)  # slot 0 is SGLang's padding slot
+    gbps = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
+
+    src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    src.random_(0, 256)
+    result = {"memcpy_gbps": gbps(timed(lambda: dst.copy_(src), repeats))}
+
+    cpu = CpuTier(4 * nbytes, nbytes)
+    keys = iter(range(1 << 30))
+    gather = lambda buf: ops.gather(buffers, slots, buf)  # noqa: E731
+    result["cpu_store_gbps"] = gbps(timed(lambda: cpu.store(next(keys).to_bytes(16, "little"), layout, gather), repeats))
+    key = cpu.keys()[-1]
+
+    def retrieve() -> None:
+        data = cpu.pin(key, layout)
+        ops.scatter(buffers, slots, data)
+        cpu.unpin(key)
+
+    result["cpu_retrieve_gbps"] = gbps(timed(retrieve, repeats))
+
+    chunk = torch.empty(nbytes, dtype=torch.uint8)
+    ops.gather(buffers, slots, chunk)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    root = args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(root, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="tiers-", dir=root)
+    try:
+        for codec in ("raw", "zstd"):
+            disk = DiskTier(os.path.join(workdir, codec), capacity_bytes=8 * nbytes, codec=codec)
+
+            def store() -> None:
+                disk.put(next(keys).to_bytes(16, "little"), layout, chunk)
+                disk.flush()
+
+            store_s = timed(store, max(2, repeats // 2))
+            last = disk.keys()[-1]
+            retrieve_s = timed(lambda: disk.get_into(last, layout, out), repeats)
+            assert torch.equal(out, chunk), "disk tier returned other bytes"
+            prefix = "disk" if codec == "zstd" else "disk_raw"
+            result[f"{prefix}_store_gbps"] = gbps(store_s)
+            result[f"{prefix}_retrieve_gbps"] = gbps(retrieve_s)
+            disk.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    kv_layout, kv = kv_of_random_llama(512 if args.quick else 2048)
+    plain = kv.reshape(-1).view(torch.uint8)
+    result["zstd_ratio"] = kv_layout.nbytes / len(frame_bytes(encode(bytes(16), kv_layout, kv, "zstd", 1)))
+    result["zstd_ratio_unshuffled"] = _plain_zstd_ratio(plain)
+    result["cpu_store_vs_memcpy"] = result["cpu_store_gbps"] / result["memcpy_gbps"]
+    result["cpu_retrieve_vs_memcpy"] = result["cpu_retrieve_gbps"] / result["memcpy_gbps"]
+    result["compiled_kernels"] = ops.HAVE_EXTENSION
+    result["threads"] = torch.get_num_threads()
+
+    if args.json:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        for name, value in result.items():
+            print(f"{name:>28}: {value:.3f}" if isinstance(value, float) else f"{name:>28}: {value}")
+
+
+def _plain_zstd_ratio(plain: torch.Tensor) -> float:
+    import zstandard
+
+    return plain.numel() / len(zstandard.ZstdCompressor(level=1).compress(plain.numpy().tobytes()))
+
+
+if __name__ == "__main__":
+    main()

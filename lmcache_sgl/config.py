@@ -1,0 +1,144 @@
+"""Configuration: LMCache's key names and units, strictly validated.
+
+Sources, later ones winning: defaults, the YAML file (explicit path or
+LMCACHE_CONFIG_FILE), then LMCACHE_<KEY> environment variables. An unknown key or a
+bad value raises ConfigError naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import yaml
+
+GB = 1024**3
+
+
+class ConfigError(ValueError):
+    """A configuration key has a bad value, or is not a key at all."""
+
+
+@dataclass(frozen=True)
+class LMCacheConfig:
+    chunk_size: int = 256  # tokens per chunk; a positive multiple of SGLang's page size
+    local_cpu: bool = True  # keep chunks in the CPU tier
+    max_local_cpu_size: float = 5.0  # GB of CPU memory for the CPU tier
+    local_disk: str | None = None  # directory of the disk tier ("file://" prefix allowed)
+    max_local_disk_size: float = 0.0  # GB the disk tier may use
+    write_policy: str = "write_back"  # write_back: CPU evictions go to disk; write_through: every tier at store
+    disk_codec: str = "zstd"  # zstd (byte shuffle + zstd) or raw
+    zstd_level: int = 1  # zstd level for disk frames
+    save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
+    save_decode_cache: bool = False  # also store chunks completed by decoding
+
+    @property
+    def disk_path(self) -> str | None:
+        if self.local_disk is None:
+            return None
+        return self.local_disk.removeprefix("file://")
+
+    @property
+    def cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB) if self.local_cpu else 0
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB) if self.local_disk else 0
+
+    def validated(self, page_size: int = 1) -> "LMCacheConfig":
+        """Return self after checking every value; raise ConfigError naming the first bad key."""
+        if page_size <= 0 or self.chunk_size <= 0 or self.chunk_size % page_size:
+            _bad("chunk_size", self.chunk_size, f"must be a positive multiple of the page size {page_size}")
+        for key in ("max_local_cpu_size", "max_local_disk_size"):
+            if getattr(self, key) < 0:
+                _bad(key, getattr(self, key), "must not be negative")
+        if self.write_policy not in ("write_back", "write_through"):
+            _bad("write_policy", self.write_policy, "must be write_back or write_through")
+        if self.disk_codec not in ("zstd", "raw"):
+            _bad("disk_codec", self.disk_codec, "must be zstd or raw")
+        if not 1 <= self.zstd_level <= 22:
+            _bad("zstd_level", self.zstd_level, "must be in 1..22")
+        if self.local_disk is not None:
+            if self.max_local_disk_size <= 0:
+                _bad("max_local_disk_size", self.max_local_disk_size, "must be positive when local_disk is set")
+            _check_writable_dir(self.disk_path or "")
+        return self
+
+
+def _bad(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"lmcache config key {key!r} = {value!r}: {why}")
+
+
+def _check_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        _bad("local_disk", path, f"is not a writable directory ({e.strerror or e})")
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(LMCacheConfig)}
+
+
+def _coerce(key: str, value: Any, from_env: bool) -> Any:
+    kind = _FIELD_TYPES[key]
+    if value is None and "None" in kind:
+        return None
+    if from_env:
+        if "bool" in kind:
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            _bad(key, value, "must be a boolean")
+        if kind in ("int", "float"):
+            try:
+                return int(value) if kind == "int" else float(value)
+            except ValueError:
+                _bad(key, value, f"must be {'an integer' if kind == 'int' else 'a number'}")
+        return value
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(kind.split(" ")[0], isinstance(value, str))
+    if not ok:
+        _bad(key, value, f"must be of type {kind}")
+    return float(value) if kind == "float" else value
+
+
+def config_from_mapping(values: Mapping[str, Any], *, from_env: bool = False) -> dict[str, Any]:
+    """Checked and typed values of `values`; unknown keys raise ConfigError."""
+    out = {}
+    for key, value in values.items():
+        if key not in _FIELD_TYPES:
+            _bad(str(key), value, f"is not a known key (known: {', '.join(sorted(_FIELD_TYPES))})")
+        out[key] = _coerce(key, value, from_env)
+    return out
+
+
+def load_config(
+    path: str | None = None, *, page_size: int = 1, environ: Mapping[str, str] | None = None
+) -> LMCacheConfig:
+    """Defaults < YAML file (`path` or LMCACHE_CONFIG_FILE) < LMCACHE_<KEY> variables."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("LMCACHE_CONFIG_FILE")
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read lmcache config file {path!r}: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"lmcache config file {path!r} must hold a mapping of keys to values")
+        values.update(config_from_mapping(loaded or {}))
+    env = {k: environ[f"LMCACHE_{k.upper()}"] for k in _FIELD_TYPES if f"LMCACHE_{k.upper()}" in environ}
+    values.update(config_from_mapping(env, from_env=True))
+    return dataclasses.replace(LMCacheConfig(), **values).validated(page_size)

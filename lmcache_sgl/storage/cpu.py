@@ -1,0 +1,146 @@
+"""CPU tier: a pre-allocated slab arena with LRU eviction and pins.
+
+One slab holds one chunk. The arena is allocated once (page-locked when CUDA is
+present), so the hot path never allocates. Pinned entries (being loaded) are never
+evicted. An entry is verified on every read by its key and layout.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..codec import ChunkLayout
+from .stats import TierStats
+
+EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor], None]
+
+
+@dataclass
+class _Entry:
+    slab: int
+    layout: ChunkLayout
+    pins: int = 0
+
+
+class CpuTier:
+    def __init__(self, capacity_bytes: int, slab_bytes: int, on_evict: EvictHook | None = None) -> None:
+        """Hold up to capacity_bytes // slab_bytes chunks of at most slab_bytes each.
+
+        on_evict(key, layout, data) sees each evicted entry before its slab is reused.
+        """
+        if slab_bytes <= 0:
+            raise ValueError(f"slab_bytes must be positive, got {slab_bytes}")
+        self.slab_bytes = slab_bytes
+        self.num_slabs = max(capacity_bytes, 0) // slab_bytes
+        pin = torch.cuda.is_available()
+        self._arena = torch.empty(self.num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._free = list(range(self.num_slabs))
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
+        self._lock = threading.RLock()
+        self.on_evict = on_evict
+        self.stats = TierStats()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slabs * self.slab_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(e.layout.nbytes for e in self._entries.values())
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._entries)
+
+    def _view(self, slab: int, nbytes: int) -> torch.Tensor:
+        start = slab * self.slab_bytes
+        return self._arena[start : start + nbytes]
+
+    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None]) -> bool:
+        """Store a chunk whose bytes `fill(buffer)` writes; False if present or no room.
+
+        Evicts unpinned entries, least recently used first, to make room.
+        """
+        if layout.nbytes > self.slab_bytes:
+            raise ValueError(f"chunk of {layout.nbytes} bytes exceeds the slab size {self.slab_bytes}")
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return False
+            slab = self._take_slab()
+            if slab is None:
+                self.stats.dropped += 1
+                return False
+            try:
+                fill(self._view(slab, layout.nbytes))
+            except BaseException:
+                self._free.append(slab)
+                raise
+            self._entries[key] = _Entry(slab, layout)
+            self.stats.stores += 1
+            self.stats.bytes_stored += layout.nbytes
+            return True
+
+    def _lru_unpinned(self) -> bytes | None:
+        return next((k for k, e in self._entries.items() if e.pins == 0), None)
+
+    def _take_slab(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        victim = self._lru_unpinned()
+        return None if victim is None else self._take_slab_of(victim)
+
+    def pin(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
+        """The chunk's bytes, pinned until unpin(key); None on a miss or a layout mismatch."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.layout != layout:
+                self.stats.misses += 1
+                if entry is not None:
+                    self.stats.corrupt += 1
+                return None
+            entry.pins += 1
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            self.stats.bytes_read += layout.nbytes
+            return self._view(entry.slab, layout.nbytes)
+
+    def unpin(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.pins == 0:
+                raise KeyError(f"unpin of a chunk that is not pinned: {key.hex()}")
+            entry.pins -= 1
+
+    def evict_lru(self) -> bytes | None:
+        """Evict the least recently used unpinned entry (through on_evict); its key or None."""
+        with self._lock:
+            victim = self._lru_unpinned()
+            if victim is not None:
+                self._free.append(self._take_slab_of(victim))
+            return victim
+
+    def _take_slab_of(self, key: bytes) -> int:
+        entry = self._entries.pop(key)
+        self.stats.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key, entry.layout, self._view(entry.slab, entry.layout.nbytes))
+        return entry.slab
+
+    def clear(self) -> None:
+        """Drop every unpinned entry without calling on_evict."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if e.pins == 0]:
+                self._free.append(self._entries.pop(key).slab)

@@ -1,0 +1,233 @@
+"""Disk tier: one verified frame per file, written off the caller's thread.
+
+Files are `<key hex>.lmsg` in one directory. Writes go through a bounded queue to
+worker threads and are atomic (temp file, then rename), so a reader sees a whole frame
+or none. The index is rebuilt from the directory at start (LRU order from mtimes), so
+the cache survives restarts. The byte budget is never exceeded: room is made, least
+recently used first, before a file is written. IO errors (a full or unwritable disk)
+are logged and counted and the store is dropped; a frame that fails verification on
+read is deleted and reported as a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+
+import torch
+
+from ..codec import ChunkLayout, FrameError, decode_into, encode
+from .stats import TierStats
+
+log = logging.getLogger("lmcache_sgl")
+SUFFIX = ".lmsg"
+_STOP = object()
+
+
+class DiskTier:
+    def __init__(
+        self, path: str, capacity_bytes: int, codec: str = "zstd", level: int = 1,
+        workers: int = 1, queue_depth: int = 16,
+    ) -> None:
+        self.path = path
+        self.capacity_bytes = capacity_bytes
+        self.codec, self.level = codec, level
+        self.stats = TierStats()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
+        self._pending: set[bytes] = set()  # queued or being written
+        self._used = 0  # bytes of indexed files plus reservations of writes in flight
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
+        os.makedirs(path, exist_ok=True)
+        self._rebuild_index()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"lmcsgl-disk-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ---- index -------------------------------------------------------------------
+    def _file(self, key: bytes) -> str:
+        return os.path.join(self.path, key.hex() + SUFFIX)
+
+    def _rebuild_index(self) -> None:
+        found = []
+        for entry in os.scandir(self.path):
+            name = entry.name
+            if name.endswith(".tmp"):
+                _unlink(entry.path)  # a write cut short by a crash
+                continue
+            stem = name[: -len(SUFFIX)]
+            if not name.endswith(SUFFIX) or len(stem) != 32:
+                continue
+            try:
+                key, st = bytes.fromhex(stem), entry.stat()
+            except (ValueError, OSError):
+                continue
+            found.append((st.st_mtime_ns, key, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self._used += size
+        while self._used > self.capacity_bytes:
+            self._evict_one()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
+    def _evict_one(self) -> None:
+        key, size = self._index.popitem(last=False)
+        self._used -= size
+        _unlink(self._file(key))
+        self.stats.evictions += 1
+
+    def _drop(self, key: bytes) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._used -= size
+                _unlink(self._file(key))
+
+    # ---- writes ------------------------------------------------------------------
+    def put(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> bool:
+        """Queue `data` (a CPU tensor the caller no longer changes) to be written.
+
+        Returns at once: False when the chunk is already here or queued, or the queue is
+        full (the store is dropped and counted).
+        """
+        with self._lock:
+            if key in self._index or key in self._pending:
+                return False
+            self._pending.add(key)
+        try:
+            self._queue.put_nowait((key, layout, data))
+        except queue.Full:
+            with self._lock:
+                self._pending.discard(key)
+            self.stats.dropped += 1
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Wait until every queued write has finished (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                self._write(*item)
+            except Exception:  # a bug must not kill the writer: log it, drop the store
+                self.stats.write_errors += 1
+                log.exception("lmcache-sgl disk tier: a store failed")
+            finally:
+                self._queue.task_done()
+
+    def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
+        tmp = self._file(key) + f".{threading.get_ident()}.tmp"
+        try:
+            parts = encode(key, layout, data, self.codec, self.level)
+            size = sum(len(memoryview(p).cast("B")) for p in parts)
+            if size > self.capacity_bytes:
+                self.stats.dropped += 1
+                return
+            with self._lock:
+                while self._used + size > self.capacity_bytes and self._index:
+                    self._evict_one()
+                if self._used + size > self.capacity_bytes:  # the rest is reserved by other writers
+                    self.stats.dropped += 1
+                    return
+                self._used += size  # reserved, so concurrent writers respect the budget
+            try:
+                _write_file(tmp, parts)
+                os.replace(tmp, self._file(key))
+            except OSError as e:
+                with self._lock:
+                    self._used -= size
+                _unlink(tmp)
+                self.stats.write_errors += 1
+                log.warning("lmcache-sgl disk tier: dropped a store to %s: %s", self.path, e)
+                return
+            with self._lock:
+                self._index[key] = size
+            self.stats.stores += 1
+            self.stats.bytes_stored += size
+        finally:
+            with self._lock:
+                self._pending.discard(key)
+
+    # ---- reads -------------------------------------------------------------------
+    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> bool:
+        """Read and verify the chunk into `out`; False on a miss or a bad frame."""
+        with self._lock:
+            hit = key in self._index
+            if hit:
+                self._index.move_to_end(key)
+        if not hit:
+            self.stats.misses += 1
+            return False
+        try:
+            with open(self._file(key), "rb", buffering=0) as f:
+                frame = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(frame)
+            decode_into(frame, key, layout, out)
+        except (OSError, FrameError) as e:
+            self._drop(key)
+            self.stats.misses += 1
+            if isinstance(e, FrameError):
+                self.stats.corrupt += 1
+                log.warning("lmcache-sgl disk tier: dropped a bad frame %s: %s", self._file(key), e)
+            return False
+        self.stats.hits += 1
+        self.stats.bytes_read += len(frame)
+        return True
+
+    def clear(self) -> None:
+        """Delete every file of this tier."""
+        self.flush()
+        with self._lock:
+            while self._index:
+                self._evict_one()
+
+
+def _write_file(path: str, parts: list) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        written = os.writev(fd, views)
+        if written != total:  # short write: finish piece by piece
+            data = b"".join(views)[written:]
+            while data:
+                data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,104 @@
+"""TierStack: the CPU and disk tiers seen as one store of chunks.
+
+lookup answers how many *leading* chunks of a key list are present in some tier. get
+returns a chunk pinned in the CPU tier, promoting it from disk when needed. Under
+write_back, chunks evicted from the CPU tier are demoted to disk; under write_through,
+every store also goes to disk at once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..codec import ChunkLayout
+from .cpu import CpuTier
+from .disk import DiskTier
+
+
+class TierStack:
+    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None, write_through: bool = False) -> None:
+        if cpu is None and disk is None:
+            raise ValueError("a TierStack needs at least one tier")
+        self.cpu, self.disk, self.write_through = cpu, disk, write_through
+        if cpu is not None and disk is not None and not write_through:
+            cpu.on_evict = self._demote
+        self._scratch: dict[bytes, torch.Tensor] = {}  # chunks handed out by a CPU-less stack
+
+    def _demote(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
+        assert self.disk is not None
+        if key not in self.disk:
+            self.disk.put(key, layout, data.clone())  # the slab is reused as soon as we return
+
+    def contains(self, key: bytes) -> bool:
+        return (self.cpu is not None and key in self.cpu) or (self.disk is not None and key in self.disk)
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading keys present in some tier (a hint: a later get may still miss)."""
+        for i, key in enumerate(keys):
+            if not self.contains(key):
+                return i
+        return len(keys)
+
+    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None]) -> bool:
+        """Store a chunk whose bytes `fill(buffer)` writes; False if it was already stored."""
+        if self.contains(key):
+            return False
+        if self.cpu is not None:
+            stored = self.cpu.store(key, layout, fill)
+            if stored and self.write_through and self.disk is not None:
+                data = self.cpu.pin(key, layout)
+                assert data is not None
+                try:
+                    self.disk.put(key, layout, data.clone())
+                finally:
+                    self.cpu.unpin(key)
+            if stored or self.disk is None:
+                return stored
+        data = torch.empty(layout.nbytes, dtype=torch.uint8)  # no room in CPU memory: straight to disk
+        fill(data)
+        assert self.disk is not None
+        return self.disk.put(key, layout, data)
+
+    def get(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
+        """The chunk's verified bytes, valid until release(key); None on a miss."""
+        if self.cpu is not None:
+            data = self.cpu.pin(key, layout)
+            if data is not None:
+                return data
+        if self.disk is None or key not in self.disk:
+            return None
+        if self.cpu is not None:
+            try:
+                if self.cpu.store(key, layout, lambda buf: self._read_disk(key, layout, buf)):
+                    return self.cpu.pin(key, layout)
+            except _Miss:
+                return None
+        scratch = torch.empty(layout.nbytes, dtype=torch.uint8)
+        if not self.disk.get_into(key, layout, scratch):
+            return None
+        self._scratch[key] = scratch
+        return scratch
+
+    def _read_disk(self, key: bytes, layout: ChunkLayout, buf: torch.Tensor) -> None:
+        assert self.disk is not None
+        if not self.disk.get_into(key, layout, buf):
+            raise _Miss()
+
+    def release(self, key: bytes) -> None:
+        """Undo one get(key)."""
+        if self._scratch.pop(key, None) is None:
+            assert self.cpu is not None
+            self.cpu.unpin(key)
+
+    def flush(self) -> None:
+        if self.disk is not None:
+            self.disk.flush()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {name: tier.stats.as_dict() for name, tier in (("cpu", self.cpu), ("disk", self.disk)) if tier}
+
+
+class _Miss(Exception):
+    """A promotion whose disk read failed: the CPU slab is given back."""

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lmcache_sgl.codec import (
+    ChecksumMismatch,
+    ChunkLayout,
+    FrameError,
+    KeyMismatch,
+    LayoutMismatch,
+    TruncatedFrame,
+    decode_into,
+    encode,
+    frame_bytes,
+)
+
+KEY = bytes(range(16))
+OTHER_KEY = bytes(16)
+
+
+def kv_like(layout: ChunkLayout, seed: int = 0) -> torch.Tensor:
+    """Smooth-ish values, so zstd after byte shuffle has something to find."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(layout.shape, generator=g, dtype=torch.float32)
+    return values.to(getattr(torch, layout.dtype)).contiguous()
+
+
+def roundtrip(layout, data, codec, level=1):
+    frame = frame_bytes(encode(KEY, layout, data, codec, level))
+    out = torch.empty(layout.nbytes, dtype=torch.uint8)
+    decode_into(frame, KEY, layout, out)
+    return frame, out
+
+
+layouts = st.builds(
+    ChunkLayout,
+    kind=st.sampled_from(["mha", "mla", "bytes"]),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32", "uint8"]),
+    shape=st.lists(st.integers(0, 9), min_size=1, max_size=5).map(tuple),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts, codec=st.sampled_from(["raw", "zstd"]), seed=st.integers(0, 100))
+def test_decode_of_encode_is_identity(layout, codec, seed):
+    data = kv_like(layout, seed) if layout.dtype != "uint8" else torch.randint(0, 256, layout.shape, dtype=torch.uint8)
+    _, out = roundtrip(layout, data, codec)
+    assert torch.equal(out, data.reshape(-1).view(torch.uint8))
+
+
+def test_multi_block_zstd_roundtrip_and_ratio():
+    layout = ChunkLayout("mha", "bfloat16", (2, 4, 256, 8, 128))  # 4 MiB: several blocks
+    data = kv_like(layout)
+    frame, out = roundtrip(layout, data, "zstd")
+    assert torch.equal(out, data.reshape(-1).view(torch.uint8))
+    assert len(frame) < layout.nbytes  # the exponent plane compresses
+
+
+LAYOUT = ChunkLayout("mha", "bfloat16", (2, 2, 16, 2, 8))
+
+
+@pytest.fixture(params=["raw", "zstd"])
+def good_frame(request):
+    return frame_bytes(encode(KEY, LAYOUT, kv_like(LAYOUT), request.param))
+
+
+def test_every_flipped_bit_is_detected(good_frame):
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    for pos in range(0, len(good_frame), max(1, len(good_frame) // 97)):
+        for bit in (0, 5):
+            bad = bytearray(good_frame)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(FrameError):
+                decode_into(bytes(bad), KEY, LAYOUT, out)
+
+
+def test_every_cut_is_detected(good_frame):
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    for cut in range(len(good_frame)):
+        with pytest.raises((TruncatedFrame, ChecksumMismatch)):
+            decode_into(good_frame[:cut], KEY, LAYOUT, out)
+    with pytest.raises(FrameError):
+        decode_into(good_frame + b"\0", KEY, LAYOUT, out)
+
+
+def test_other_key_or_layout_is_refused(good_frame):
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    with pytest.raises(KeyMismatch):
+        decode_into(good_frame, OTHER_KEY, LAYOUT, out)
+    for other in (
+        ChunkLayout("mla", "bfloat16", LAYOUT.shape),
+        ChunkLayout("mha", "float16", LAYOUT.shape),
+        ChunkLayout("mha", "bfloat16", (2, 2, 16, 1, 16)),
+    ):
+        with pytest.raises(LayoutMismatch):
+            decode_into(good_frame, KEY, other, torch.empty(other.nbytes, dtype=torch.uint8))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(junk=st.binary(max_size=400), prefix=st.booleans())
+def test_decoder_fuzz_never_returns_data(junk, prefix):
+    frame = (frame_bytes(encode(KEY, LAYOUT, kv_like(LAYOUT), "zstd"))[:64] + junk) if prefix else junk
+    out = torch.zeros(LAYOUT.nbytes, dtype=torch.uint8)
+    with pytest.raises(FrameError):
+        decode_into(frame, KEY, LAYOUT, out)
+
+
+def test_encode_refuses_wrong_size():
+    with pytest.raises(ValueError):
+        encode(KEY, LAYOUT, torch.zeros(3, dtype=torch.uint8))

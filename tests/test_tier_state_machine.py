@@ -1,0 +1,138 @@
+"""A random walk over the TierStack against a plain dict, checking the contracts:
+a get returns exactly the stored bytes or a miss; no tier exceeds its capacity; lookup
+counts a contiguous run of present chunks; a disk restart finds every intact entry."""
+
+import errno
+import os
+import shutil
+import tempfile
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from lmcache_sgl.codec import ChunkLayout
+from lmcache_sgl.storage import CpuTier, DiskTier, TierStack
+from lmcache_sgl.storage import disk as disk_module
+
+LAYOUT = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 16))
+NUM_KEYS = 8
+DISK_CAPACITY = 1400
+
+
+def key(i: int) -> bytes:
+    return bytes([i]) * 16
+
+
+def payload(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(LAYOUT.shape, generator=g).to(torch.bfloat16).reshape(-1).view(torch.uint8).clone()
+
+
+def _disk_full(path, parts):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class TierStackMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="lmcsgl-sm-")
+        self.write_through = False
+        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), self._disk(), write_through=False)
+        self.model: dict[bytes, torch.Tensor] = {}
+        self.damaged: set[bytes] = set()
+        self.real_write = disk_module._write_file
+
+    def _disk(self) -> DiskTier:
+        return DiskTier(self.dir, DISK_CAPACITY, codec="zstd", queue_depth=4)
+
+    def teardown(self):
+        disk_module._write_file = self.real_write
+        self.stack.disk.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(i=st.integers(0, NUM_KEYS - 1))
+    def store(self, i):
+        self.stack.store(key(i), LAYOUT, lambda buf: buf.copy_(payload(i)))
+        self.model[key(i)] = payload(i)
+
+    @rule(i=st.integers(0, NUM_KEYS - 1))
+    def get(self, i):
+        data = self.stack.get(key(i), LAYOUT)
+        if data is None:
+            return
+        try:
+            assert key(i) in self.model, "a chunk that was never stored came back"
+            assert torch.equal(data, self.model[key(i)]), "a get returned other bytes"
+        finally:
+            self.stack.release(key(i))
+
+    @rule(order=st.permutations(list(range(NUM_KEYS))), n=st.integers(0, NUM_KEYS))
+    def lookup(self, order, n):
+        keys = [key(i) for i in order[:n]]
+        found = self.stack.lookup(keys)
+        assert all(self.stack.contains(k) for k in keys[:found])
+        assert found == len(keys) or not self.stack.contains(keys[found])
+
+    @rule()
+    def evict(self):
+        self.stack.cpu.evict_lru()
+
+    @rule()
+    def flush(self):
+        self.stack.flush()
+        files = [f for f in os.listdir(self.dir) if f.endswith(".lmsg")]
+        assert sum(os.path.getsize(os.path.join(self.dir, f)) for f in files) <= DISK_CAPACITY
+
+    @rule()
+    def restart_disk_tier(self):
+        old = self.stack.disk
+        old.close()
+        intact = set(old.keys()) - self.damaged
+        self.stack.disk = self._disk()
+        assert intact <= set(self.stack.disk.keys()), "an intact disk entry was lost in a restart"
+        out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+        for k in intact:
+            assert self.stack.disk.get_into(k, LAYOUT, out) and torch.equal(out, self.model[k])
+
+    def _some_file(self, i):
+        keys = self.stack.disk.keys()
+        return (keys[i % len(keys)], os.path.join(self.dir, keys[i % len(keys)].hex() + ".lmsg")) if keys else (None, None)
+
+    @rule(i=st.integers(0, 100), pos=st.integers(0, 10_000))
+    def corrupt_a_file(self, i, pos):
+        k, path = self._some_file(i)
+        if k is None or not os.path.exists(path):
+            return
+        data = bytearray(open(path, "rb").read())
+        data[pos % len(data)] ^= 0x40
+        open(path, "wb").write(bytes(data))
+        self.damaged.add(k)
+
+    @rule(i=st.integers(0, 100), cut=st.integers(0, 10_000))
+    def truncate_a_file(self, i, cut):
+        k, path = self._some_file(i)
+        if k is None or not os.path.exists(path):
+            return
+        os.truncate(path, cut % max(os.path.getsize(path), 1))
+        self.damaged.add(k)
+
+    @rule(full=st.booleans())
+    def disk_full(self, full):
+        disk_module._write_file = _disk_full if full else self.real_write
+
+    @invariant()
+    def capacities_hold(self):
+        cpu, disk = self.stack.cpu, self.stack.disk
+        assert len(cpu) <= cpu.num_slabs and cpu.used_bytes <= cpu.capacity_bytes
+        assert disk.used_bytes <= DISK_CAPACITY
+
+
+TierStackMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("LMCACHE_SGL_SM_EXAMPLES", 200)),
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_tier_stack = TierStackMachine.TestCase
