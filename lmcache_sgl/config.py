@@ -33,7 +33,8 @@ class LMCacheConfig:
     disk_codec: str = "zstd"  # zstd (byte shuffle + zstd) or raw
     zstd_level: int = 1  # zstd level for disk frames
     save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
-    save_decode_cache: bool = False  # also store chunks completed by decoding
+    save_on_checkpoint: bool = False  # store chunks as soon as computed, not only when SGLang evicts them
+    save_decode_cache: bool = False  # with save_on_checkpoint, store decode tokens' chunks too
 
     @property
     def disk_path(self) -> str | None:

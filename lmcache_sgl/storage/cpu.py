@@ -117,6 +117,14 @@ class CpuTier:
             self.stats.bytes_read += layout.nbytes
             return self._view(entry.slab, layout.nbytes)
 
+    def protect(self, key: bytes) -> bool:
+        """Pin the entry without reading it (so it survives until a later load); False if absent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pins += 1
+            return entry is not None
+
     def unpin(self, key: bytes) -> None:
         with self._lock:
             entry = self._entries.get(key)

@@ -15,7 +15,7 @@ import logging
 import os
 import queue
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -39,6 +39,7 @@ class DiskTier:
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
         self._pending: set[bytes] = set()  # queued or being written
         self._used = 0  # bytes of indexed files plus reservations of writes in flight
+        self._protected: Counter[bytes] = Counter()  # keys that eviction must skip
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
         os.makedirs(path, exist_ok=True)
@@ -71,8 +72,8 @@ class DiskTier:
         for _, key, size in sorted(found):
             self._index[key] = size
             self._used += size
-        while self._used > self.capacity_bytes:
-            self._evict_one()
+        while self._used > self.capacity_bytes and self._evict_one():
+            pass
 
     @property
     def used_bytes(self) -> int:
@@ -88,11 +89,29 @@ class DiskTier:
         with self._lock:
             return list(self._index)
 
-    def _evict_one(self) -> None:
-        key, size = self._index.popitem(last=False)
-        self._used -= size
+    def _evict_one(self) -> bool:
+        """Evict the least recently used unprotected file; False if there is none."""
+        key = next((k for k in self._index if k not in self._protected), None)
+        if key is None:
+            return False
+        self._used -= self._index.pop(key)
         _unlink(self._file(key))
         self.stats.evictions += 1
+        return True
+
+    def protect(self, key: bytes) -> bool:
+        """Keep the file from eviction until unprotect(key); False if absent."""
+        with self._lock:
+            if key in self._index:
+                self._protected[key] += 1
+                return True
+            return False
+
+    def unprotect(self, key: bytes) -> None:
+        with self._lock:
+            self._protected[key] -= 1
+            if self._protected[key] <= 0:
+                del self._protected[key]
 
     def _drop(self, key: bytes) -> None:
         with self._lock:
@@ -154,9 +173,9 @@ class DiskTier:
                 self.stats.dropped += 1
                 return
             with self._lock:
-                while self._used + size > self.capacity_bytes and self._index:
-                    self._evict_one()
-                if self._used + size > self.capacity_bytes:  # the rest is reserved by other writers
+                while self._used + size > self.capacity_bytes and self._evict_one():
+                    pass
+                if self._used + size > self.capacity_bytes:  # the rest is protected or in flight
                     self.stats.dropped += 1
                     return
                 self._used += size  # reserved, so concurrent writers respect the budget
@@ -208,8 +227,8 @@ class DiskTier:
         """Delete every file of this tier."""
         self.flush()
         with self._lock:
-            while self._index:
-                self._evict_one()
+            while self._evict_one():
+                pass
 
 
 def _write_file(path: str, parts: list) -> None:

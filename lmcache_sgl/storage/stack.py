@@ -41,6 +41,28 @@ class TierStack:
                 return i
         return len(keys)
 
+    def protect(self, keys: Sequence[bytes]) -> list[str]:
+        """Keep the leading present keys from eviction until unprotect; returns, per key
+        protected, the tier that holds it (pass it back to unprotect)."""
+        held = []
+        for key in keys:
+            if self.cpu is not None and self.cpu.protect(key):
+                held.append("cpu")
+            elif self.disk is not None and self.disk.protect(key):
+                held.append("disk")
+            else:
+                break
+        return held
+
+    def unprotect(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
+        for key, tier in zip(keys, tiers):
+            if tier == "cpu":
+                assert self.cpu is not None
+                self.cpu.unpin(key)
+            else:
+                assert self.disk is not None
+                self.disk.unprotect(key)
+
     def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None]) -> bool:
         """Store a chunk whose bytes `fill(buffer)` writes; False if it was already stored."""
         if self.contains(key):
@@ -97,7 +119,7 @@ class TierStack:
             self.disk.flush()
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {name: tier.stats.as_dict() for name, tier in (("cpu", self.cpu), ("disk", self.disk)) if tier}
+        return {name: tier.stats.as_dict() for name, tier in (("cpu", self.cpu), ("disk", self.disk)) if tier is not None}
 
 
 class _Miss(Exception):
