@@ -100,7 +100,7 @@ def build_cache(ctx):
         tiers.append(f"cpu {stack.cpu.capacity_bytes / 1e9:.2f} GB")
     if stack.disk is not None:
         tiers.append(f"disk {stack.disk.path} {stack.disk.capacity_bytes / 1e9:.2f} GB ({len(stack.disk)} chunks found)")
-    log.warning(
+    log.info(
         "lmcache-sgl active: config %s, chunk_size %d, layout %s %s, tiers: %s, %s",
         config_file or "(defaults and LMCACHE_* variables)", config.chunk_size, pool.describe(), pool.dtype,
         ", ".join(tiers), config.write_policy,

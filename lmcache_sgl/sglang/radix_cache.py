@@ -129,6 +129,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
             log.warning("lmcache-sgl: could not load %d tokens for request %s; recomputing them", count, req.rid)
             return 0, params.best_match_node
         pending.slots = slots
+        log.info("lmcache-sgl: loaded %d tokens after a device hit of %d for request %s", count, pending.device_len, req.rid)
         return count, params.best_match_node
 
     def load_back_is_cache_owned(self) -> bool:

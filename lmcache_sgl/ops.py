@@ -1,0 +1,237 @@
+"""Row gather/scatter between SGLang's KV pool and a chunk buffer, and byte-plane shuffle.
+
+The compiled kernels (src/kernels/, a plain C ABI loaded with ctypes) run when built; a torch
+reference with identical output bits runs otherwise. Pool `buffers` are SGLang's per-layer
+buffers, each contiguous [S, ...] (MHA k/v [S, kv_heads, head_dim], MLA [S, 1, dim]), all of
+one dtype, shape and device; a row is one slot of one buffer. A chunk buffer is contiguous, of
+any dtype, and holds [B, N, row] bytes. Every op moves raw bytes, writes its output in place and
+returns None; on CUDA it is enqueued on the current stream.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+logger = logging.getLogger("lmcache_sgl")
+_DIR = Path(__file__).resolve().parent
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_CPU_ERRORS = {1: "invalid argument", 2: "out of memory"}
+
+
+def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_DIR / f"{name}.so"))
+    for fn, args in (("gather_rows", [_P, _I, _I, _P, _I, _P]), ("scatter_rows", [_P, _I, _I, _P, _I, _P]),
+                     ("shuffle_bytes", [_P, _P, _I, _I]), ("unshuffle_bytes", [_P, _P, _I, _I])):
+        f = getattr(lib, prefix + fn)
+        f.argtypes, f.restype = args + extra, ctypes.c_int
+    return lib
+
+
+try:
+    _CPU: Optional[ctypes.CDLL] = _load("_kernels_cpu", "lmcsgl_", [])
+except (OSError, AttributeError) as e:
+    _CPU = None
+    logger.warning("compiled kernels unavailable (%s); using the slower torch reference "
+                   "ops. Build them with `make setup`.", str(e).splitlines()[0])
+HAVE_EXTENSION: bool = _CPU is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_lib() -> Optional[ctypes.CDLL]:
+    """The CUDA library, loaded on first use with a CUDA tensor; None when absent."""
+    try:
+        lib = _load("_kernels_cuda", "lmcsgl_cuda_", [_P])
+        lib.lmcsgl_cuda_error_string.argtypes = [ctypes.c_int]
+        lib.lmcsgl_cuda_error_string.restype = ctypes.c_char_p
+        rc = lib.lmcsgl_cuda_check()  # an old driver or a GPU arch not compiled for
+        if rc != 0:
+            raise OSError(lib.lmcsgl_cuda_error_string(rc).decode())
+        return lib
+    except (OSError, AttributeError) as e:
+        logger.warning("CUDA kernels unavailable (%s); using torch reference ops.", e)
+        return None
+
+
+def _lib(t: torch.Tensor) -> Optional[ctypes.CDLL]:
+    return _cuda_lib() if t.is_cuda else _CPU if t.device.type == "cpu" else None
+
+
+def _call(lib: ctypes.CDLL, fn: str, cuda_device: Optional[torch.device], *args: object) -> None:
+    if cuda_device is None:
+        rc = getattr(lib, "lmcsgl_" + fn)(*args)
+    else:
+        rc = getattr(lib, "lmcsgl_cuda_" + fn)(*args, torch.cuda.current_stream(cuda_device).cuda_stream)
+    if rc != 0:
+        cuda = cuda_device is not None
+        why = lib.lmcsgl_cuda_error_string(rc).decode() if cuda else _CPU_ERRORS.get(rc, "?")
+        raise RuntimeError(f"lmcache_sgl kernel {fn} failed: {why} (code {rc})")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
+                flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Validates a gather/scatter; returns (int64 slots on the pool's device, row_bytes)."""
+    if len(buffers) == 0 or buffers[0].dim() < 1:
+        raise ValueError("need at least one pool buffer with a slot dimension")
+    b0 = buffers[0]
+    for b in buffers:
+        if b.dtype != b0.dtype or b.shape != b0.shape or b.device != b0.device:
+            raise ValueError(f"pool buffers differ: {b.dtype}{tuple(b.shape)}@{b.device} vs "
+                             f"{b0.dtype}{tuple(b0.shape)}@{b0.device}")
+        if not b.is_contiguous():
+            raise ValueError("pool buffers must be contiguous")
+    if flat.device != b0.device or not flat.is_contiguous():
+        raise ValueError(f"the chunk buffer must be contiguous and on {b0.device}")
+    if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be 1-D int32/int64, got {slots.dtype}{tuple(slots.shape)}")
+    slots = slots.to(device=b0.device, dtype=torch.int64).contiguous()
+    row_bytes = math.prod(b0.shape[1:]) * b0.element_size()
+    need = len(buffers) * slots.numel() * row_bytes
+    if _nbytes(flat) != need:
+        raise ValueError(f"the chunk buffer has {_nbytes(flat)} bytes, expected {need} = {len(buffers)} "
+                         f"buffers x {slots.numel()} slots x {row_bytes} bytes per row")
+    if slots.numel():
+        lo, hi = torch.stack(torch.aminmax(slots)).tolist()
+        if lo < 0 or hi >= b0.shape[0]:
+            raise IndexError(f"slots must lie in [0, {b0.shape[0]}), got min {lo} max {hi}")
+    return slots, row_bytes
+
+
+def _last_occurrences(slots: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(distinct slots, index of the last occurrence of each), or (slots, None) if distinct."""
+    uniq, inverse = torch.unique(slots, return_inverse=True)
+    if uniq.numel() == slots.numel():
+        return slots, None
+    order = torch.arange(slots.numel(), device=slots.device)
+    return uniq, torch.zeros_like(uniq).scatter_reduce_(0, inverse, order, "amax", include_self=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_ptrs(device: torch.device, ptrs: tuple[int, ...]) -> torch.Tensor:
+    arr = torch.tensor(ptrs, dtype=torch.int64).to(device)
+    torch.cuda.current_stream(device).synchronize()  # then usable from any stream
+    return arr
+
+
+def _rows(fn: str, buffers: Sequence[torch.Tensor], slots: torch.Tensor, flat: torch.Tensor) -> bool:
+    """Runs gather_rows/scatter_rows compiled; False when no library serves flat's device."""
+    lib = _lib(flat)
+    if lib is None:
+        return False
+    slots, row_bytes = _check_rows(buffers, slots, flat)
+    if not (slots.numel() and row_bytes):
+        return True
+    ptrs = tuple(b.data_ptr() for b in buffers)
+    if not flat.is_cuda:
+        _call(lib, fn, None, (_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
+              slots.numel(), flat.data_ptr())
+        return True
+    if fn == "scatter_rows":  # the CUDA kernel wants distinct slots: keep each one's last row
+        slots, last = _last_occurrences(slots)
+        if last is not None:
+            flat = _bytes(flat).view(len(buffers), -1, row_bytes)[:, last].contiguous()
+    arr = _device_ptrs(flat.device, ptrs)
+    arr.record_stream(torch.cuda.current_stream(flat.device))
+    _call(lib, fn, flat.device, arr.data_ptr(), len(ptrs), row_bytes, slots.data_ptr(), slots.numel(),
+          flat.data_ptr())
+    return True
+
+
+def reference_gather(buffers: Sequence[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> None:
+    """Torch reference of gather()."""
+    slots, row_bytes = _check_rows(buffers, slots, out)
+    if slots.numel() and row_bytes:
+        flat = _bytes(out).view(len(buffers), slots.numel(), row_bytes)
+        for b, buf in enumerate(buffers):
+            torch.index_select(_bytes(buf).view(-1, row_bytes), 0, slots, out=flat[b])
+
+
+def reference_scatter(buffers: Sequence[torch.Tensor], slots: torch.Tensor, src: torch.Tensor) -> None:
+    """Torch reference of scatter(): sequential assignment in slot order."""
+    slots, row_bytes = _check_rows(buffers, slots, src)
+    if slots.numel() and row_bytes:
+        flat = _bytes(src).view(len(buffers), slots.numel(), row_bytes)
+        slots, last = _last_occurrences(slots)
+        for b, buf in enumerate(buffers):
+            rows = flat[b] if last is None else flat[b, last]
+            _bytes(buf).view(-1, row_bytes).index_copy_(0, slots, rows)
+
+
+def gather(buffers: Sequence[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b, n] = buffers[b][slots[n]], as bytes. Slots may repeat.
+
+    Raises ValueError for mismatched buffers or sizes, IndexError for a slot outside [0, S).
+    """
+    if not _rows("gather_rows", buffers, slots, out):
+        reference_gather(buffers, slots, out)
+
+
+def scatter(buffers: Sequence[torch.Tensor], slots: torch.Tensor, src: torch.Tensor) -> None:
+    """buffers[b][slots[n]] = src[b, n], as bytes. A repeated slot gets its last row.
+
+    Raises as gather() does.
+    """
+    if not _rows("scatter_rows", buffers, slots, src):
+        reference_scatter(buffers, slots, src)
+
+
+def _check_shuffle(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> int:
+    if elem_size < 1:
+        raise ValueError(f"elem_size must be >= 1, got {elem_size}")
+    if not (src.is_contiguous() and out.is_contiguous()) or src.device != out.device:
+        raise ValueError("src and out must be contiguous and on one device")
+    n = _nbytes(src)
+    if _nbytes(out) != n or n % elem_size:
+        raise ValueError(f"src has {n} bytes and out {_nbytes(out)}: they must be equal and a "
+                         f"multiple of elem_size {elem_size}")
+    return n
+
+
+def reference_shuffle_bytes(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> None:
+    """Torch reference of shuffle_bytes()."""
+    n = _check_shuffle(src, out, elem_size)
+    _bytes(out).view(elem_size, n // elem_size).copy_(_bytes(src).view(-1, elem_size).t())
+
+
+def reference_unshuffle_bytes(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> None:
+    """Torch reference of unshuffle_bytes()."""
+    n = _check_shuffle(src, out, elem_size)
+    _bytes(out).view(n // elem_size, elem_size).copy_(_bytes(src).view(elem_size, -1).t())
+
+
+def _shuffle(fn: str, src: torch.Tensor, out: torch.Tensor, elem_size: int) -> bool:
+    lib = _lib(src)
+    if lib is None:
+        return False
+    n = _check_shuffle(src, out, elem_size)
+    _call(lib, fn, src.device if src.is_cuda else None, src.data_ptr(), out.data_ptr(), n, elem_size)
+    return True
+
+
+def shuffle_bytes(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> None:
+    """Byte planes: out[j * n + i] = src[i * elem_size + j], with n = nbytes // elem_size.
+
+    src and out: contiguous, not overlapping, of equal byte size that is a multiple of
+    elem_size (else ValueError); any dtypes.
+    """
+    if not _shuffle("shuffle_bytes", src, out, elem_size):
+        reference_shuffle_bytes(src, out, elem_size)
+
+
+def unshuffle_bytes(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> None:
+    """Inverse of shuffle_bytes(): out[i * elem_size + j] = src[j * n + i]."""
+    if not _shuffle("unshuffle_bytes", src, out, elem_size):
+        reference_unshuffle_bytes(src, out, elem_size)

@@ -1,0 +1,321 @@
+// CPU KV-layout kernels (see lmcsgl.h for the contracts).
+#include "lmcsgl.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <thread>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kSerialBytes = int64_t(1) << 20;     // below this a call runs serially
+constexpr int64_t kMinBytesPerThread = int64_t(1) << 18;
+constexpr int64_t kStreamBytes = int64_t(4) << 20;     // calls this large bypass the cache
+constexpr int kGroup = 8;                              // rows copied in lockstep
+
+int max_threads() {
+  static const int n = [] {
+    if (const char* env = std::getenv("LMCACHE_SGL_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) return v;
+    }
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw > 0 ? static_cast<int>(hw) : 1;
+  }();
+  return n;
+}
+
+// How many threads a call moving `bytes` over `units` work items should use.
+int64_t plan_threads(int64_t units, int64_t bytes) {
+  if (bytes < kSerialBytes) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>({max_threads(), units, bytes / kMinBytesPerThread}));
+}
+
+// fn(lo, hi) over [0, units) cut into `nt` contiguous ranges; the calling thread takes the
+// first. Ranges whose thread cannot be started run on the calling thread. fn must not throw.
+template <class Fn>
+void parallel_for(int64_t units, int64_t nt, const Fn& fn) {
+  if (nt <= 1) {
+    fn(int64_t(0), units);
+    return;
+  }
+  std::vector<std::thread> workers;
+  int64_t spawned = 1;
+  try {
+    workers.reserve(static_cast<size_t>(nt - 1));
+    for (; spawned < nt; ++spawned)
+      workers.emplace_back(fn, units * spawned / nt, units * (spawned + 1) / nt);
+  } catch (...) {  // no memory or no thread: the rest runs here
+  }
+  fn(int64_t(0), units / nt);
+  for (int64_t t = spawned; t < nt; ++t) fn(units * t / nt, units * (t + 1) / nt);
+  for (auto& w : workers) w.join();
+}
+
+bool valid_rows(int64_t num_bufs, int64_t row_bytes, int64_t num_slots) {
+  if (num_bufs < 0 || row_bytes < 0 || num_slots < 0) return false;
+  int64_t rows = 0, bytes = 0;
+  return !__builtin_mul_overflow(num_bufs, num_slots, &rows) &&
+         !__builtin_mul_overflow(rows, row_bytes, &bytes);
+}
+
+// True if any slot value occurs twice. Sorted input (the common case) costs one pass.
+bool has_repeats(const int64_t* slots, int64_t n) {
+  bool increasing = true;
+  for (int64_t i = 1; i < n && increasing; ++i) increasing = slots[i] > slots[i - 1];
+  if (increasing) return false;
+  std::unique_ptr<int64_t[]> sorted(new int64_t[static_cast<size_t>(n)]);
+  std::copy(slots, slots + n, sorted.get());
+  std::sort(sorted.get(), sorted.get() + n);
+  return std::adjacent_find(sorted.get(), sorted.get() + n) != sorted.get() + n;
+}
+
+// One gather/scatter call: B pool buffers of rows, N slots, the flat [B, N, row] buffer.
+struct RowJob {
+  const void* const* bufs;
+  int64_t row_bytes;
+  const int64_t* slots;
+  int64_t num_slots;
+  char* flat;
+  bool merge_runs;  // copy consecutive slots of one buffer as one segment
+};
+
+struct Segment {
+  char* dst;
+  const char* src;
+  int64_t len;
+};
+
+#if defined(__SSE2__)
+template <bool kNT>
+inline void store16(char* d, __m128i v) {
+  if (kNT) _mm_stream_si128(reinterpret_cast<__m128i*>(d), v);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(d), v);
+}
+inline __m128i load16(const char* s) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)); }
+#endif
+
+// Copies k <= kGroup segments one 64-byte line of each in turn: the k independent streams
+// overlap their cache misses, which a memcpy of one scattered row after another does not
+// (about 2x faster from DRAM). Segments whose destinations coincide line up offset by offset,
+// so the later one still wins. kNT: non-temporal stores to 16-byte aligned destinations.
+template <bool kNT>
+void copy_group(const Segment* seg, int k, bool vec16) {
+#if defined(__SSE2__)
+  if (vec16) {  // every len and dst is a multiple of 16
+    int64_t longest = 0;
+    for (int j = 0; j < k; ++j) longest = std::max(longest, seg[j].len);
+    for (int64_t off = 0; off < longest; off += 64) {
+      for (int j = 0; j < k; ++j) {
+        const char* s = seg[j].src + off;
+        char* d = seg[j].dst + off;
+        const int64_t left = seg[j].len - off;
+        if (left >= 64) {
+          const __m128i v0 = load16(s), v1 = load16(s + 16), v2 = load16(s + 32), v3 = load16(s + 48);
+          store16<kNT>(d, v0);
+          store16<kNT>(d + 16, v1);
+          store16<kNT>(d + 32, v2);
+          store16<kNT>(d + 48, v3);
+        } else {
+          for (int64_t o = 0; o < left; o += 16) store16<kNT>(d + o, load16(s + o));
+        }
+      }
+    }
+    return;
+  }
+#else
+  (void)vec16;
+#endif
+  for (int j = 0; j < k; ++j) std::memcpy(seg[j].dst, seg[j].src, static_cast<size_t>(seg[j].len));
+}
+
+// Rows [lo, hi) of the flattened (b, n) order, in that order: gather copies pool -> flat,
+// scatter flat -> pool.
+template <bool kScatter, bool kNT>
+void move_rows(const RowJob& job, int64_t lo, int64_t hi) {
+  const int64_t rb = job.row_bytes, num_slots = job.num_slots;
+  Segment seg[kGroup];
+  int64_t b = lo / num_slots, n = lo % num_slots;
+  for (int64_t r = lo; r < hi;) {
+    int k = 0;
+    for (; k < kGroup && r < hi; ++k) {
+      char* pool = static_cast<char*>(const_cast<void*>(job.bufs[b])) + job.slots[n] * rb;
+      char* flat = job.flat + r * rb;
+      int64_t len = 0;
+      do {
+        len += rb, ++r;
+        if (++n == num_slots) n = 0, ++b;
+      } while (job.merge_runs && r < hi && n != 0 && job.slots[n] == job.slots[n - 1] + 1);
+      seg[k] = kScatter ? Segment{pool, flat, len} : Segment{flat, pool, len};
+    }
+    copy_group<kNT>(seg, k, rb % 16 == 0);
+  }
+#if defined(__SSE2__)
+  if (kNT) _mm_sfence();
+#endif
+}
+
+template <bool kScatter>
+void move_rows_any(const RowJob& job, bool nt, int64_t lo, int64_t hi) {
+  if (nt) move_rows<kScatter, true>(job, lo, hi);
+  else move_rows<kScatter, false>(job, lo, hi);
+}
+
+// Non-temporal stores pay off for large calls and need 16-byte aligned destination rows.
+bool use_streaming(const void* const* dst_bases, int64_t num, int64_t row_bytes, int64_t bytes) {
+#if defined(__SSE2__)
+  if (bytes < kStreamBytes || row_bytes % 16 != 0) return false;
+  for (int64_t i = 0; i < num; ++i)
+    if (reinterpret_cast<uintptr_t>(dst_bases[i]) % 16 != 0) return false;
+  return true;
+#else
+  (void)dst_bases, (void)num, (void)row_bytes, (void)bytes;
+  return false;
+#endif
+}
+
+// Elements [lo, hi) of a 2-byte shuffle over n elements.
+void shuffle2(const uint8_t* src, uint8_t* dst, int64_t n, int64_t lo, int64_t hi) {
+  uint8_t* plane0 = dst;
+  uint8_t* plane1 = dst + n;
+  int64_t i = lo;
+#if defined(__SSE2__)
+  const __m128i low_mask = _mm_set1_epi16(0x00FF);
+  for (; i + 16 <= hi; i += 16) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i + 16));
+    const __m128i lo8 = _mm_packus_epi16(_mm_and_si128(a, low_mask), _mm_and_si128(b, low_mask));
+    const __m128i hi8 = _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(plane0 + i), lo8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(plane1 + i), hi8);
+  }
+#endif
+  for (; i < hi; ++i) {
+    plane0[i] = src[2 * i];
+    plane1[i] = src[2 * i + 1];
+  }
+}
+
+void unshuffle2(const uint8_t* src, uint8_t* dst, int64_t n, int64_t lo, int64_t hi) {
+  const uint8_t* plane0 = src;
+  const uint8_t* plane1 = src + n;
+  int64_t i = lo;
+#if defined(__SSE2__)
+  for (; i + 16 <= hi; i += 16) {
+    const __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(plane0 + i));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(plane1 + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm_unpacklo_epi8(l, h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i + 16), _mm_unpackhi_epi8(l, h));
+  }
+#endif
+  for (; i < hi; ++i) {
+    dst[2 * i] = plane0[i];
+    dst[2 * i + 1] = plane1[i];
+  }
+}
+
+// Generic element sizes: a plain loop (ES > 0 fixes the size at compile time).
+template <int ES>
+void shuffle_n(const uint8_t* src, uint8_t* dst, int64_t n, int64_t es, int64_t lo, int64_t hi) {
+  const int64_t e = ES > 0 ? ES : es;
+  for (int64_t i = lo; i < hi; ++i)
+    for (int64_t j = 0; j < e; ++j) dst[j * n + i] = src[i * e + j];
+}
+
+template <int ES>
+void unshuffle_n(const uint8_t* src, uint8_t* dst, int64_t n, int64_t es, int64_t lo, int64_t hi) {
+  const int64_t e = ES > 0 ? ES : es;
+  for (int64_t i = lo; i < hi; ++i)
+    for (int64_t j = 0; j < e; ++j) dst[i * e + j] = src[j * n + i];
+}
+
+template <bool kInverse>
+int shuffle_impl(const void* src, void* dst, int64_t nbytes, int64_t elem_size) {
+  if (nbytes < 0 || elem_size < 1 || nbytes % elem_size != 0) return LMCSGL_ERR_INVALID;
+  if (nbytes == 0) return LMCSGL_OK;
+  if (src == nullptr || dst == nullptr) return LMCSGL_ERR_INVALID;
+  const auto* s = static_cast<const uint8_t*>(src);
+  auto* d = static_cast<uint8_t*>(dst);
+  const int64_t n = nbytes / elem_size;
+  using Body = void (*)(const uint8_t*, uint8_t*, int64_t, int64_t, int64_t, int64_t);
+  Body body;
+  switch (elem_size) {
+    case 1: body = kInverse ? unshuffle_n<1> : shuffle_n<1>; break;
+    case 4: body = kInverse ? unshuffle_n<4> : shuffle_n<4>; break;
+    case 8: body = kInverse ? unshuffle_n<8> : shuffle_n<8>; break;
+    default: body = kInverse ? unshuffle_n<0> : shuffle_n<0>; break;
+  }
+  if (elem_size == 2) {
+    parallel_for(n, plan_threads(n, nbytes), [&](int64_t lo, int64_t hi) {
+      if (kInverse) unshuffle2(s, d, n, lo, hi); else shuffle2(s, d, n, lo, hi);
+    });
+  } else {
+    parallel_for(n, plan_threads(n, nbytes),
+                 [&](int64_t lo, int64_t hi) { body(s, d, n, elem_size, lo, hi); });
+  }
+  return LMCSGL_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+LMCSGL_API int lmcsgl_gather_rows(const void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                  const int64_t* slots, int64_t num_slots, void* out) {
+  if (!valid_rows(num_bufs, row_bytes, num_slots)) return LMCSGL_ERR_INVALID;
+  const int64_t rows = num_bufs * num_slots;
+  if (rows == 0 || row_bytes == 0) return LMCSGL_OK;
+  if (bufs == nullptr || slots == nullptr || out == nullptr) return LMCSGL_ERR_INVALID;
+  const int64_t bytes = rows * row_bytes;
+  const void* const flat_base[1] = {out};
+  const bool nt = use_streaming(flat_base, 1, row_bytes, bytes);
+  const RowJob job{bufs, row_bytes, slots, num_slots, static_cast<char*>(out), true};
+  // Flattened (b, n) rows: each thread writes one contiguous range of `out`.
+  parallel_for(rows, plan_threads(rows, bytes),
+               [&](int64_t lo, int64_t hi) { move_rows_any<false>(job, nt, lo, hi); });
+  return LMCSGL_OK;
+}
+
+LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                   const int64_t* slots, int64_t num_slots, const void* src) {
+  if (!valid_rows(num_bufs, row_bytes, num_slots)) return LMCSGL_ERR_INVALID;
+  const int64_t rows = num_bufs * num_slots;
+  if (rows == 0 || row_bytes == 0) return LMCSGL_OK;
+  if (bufs == nullptr || slots == nullptr || src == nullptr) return LMCSGL_ERR_INVALID;
+  const int64_t bytes = rows * row_bytes;
+  const bool nt = use_streaming(bufs, num_bufs, row_bytes, bytes);
+  bool repeats = false;
+  try {
+    repeats = has_repeats(slots, num_slots);
+  } catch (const std::bad_alloc&) {
+    return LMCSGL_ERR_NOMEM;
+  }
+  // Repeated slots: rows are not merged into runs (that could reorder two writes of one
+  // slot) and each thread owns whole buffers, so within a buffer the rows go in n order
+  // and the last occurrence wins, exactly as in a serial loop.
+  const RowJob job{bufs, row_bytes, slots, num_slots, static_cast<char*>(const_cast<void*>(src)),
+                   !repeats};
+  const int64_t unit = repeats ? num_slots : 1;
+  parallel_for(rows / unit, plan_threads(rows / unit, bytes), [&](int64_t lo, int64_t hi) {
+    move_rows_any<true>(job, nt, lo * unit, hi * unit);
+  });
+  return LMCSGL_OK;
+}
+
+LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size) {
+  return shuffle_impl<false>(src, dst, nbytes, elem_size);
+}
+
+LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
+                                      int64_t elem_size) {
+  return shuffle_impl<true>(src, dst, nbytes, elem_size);
+}
+
+}  // extern "C"

@@ -1,0 +1,70 @@
+// lmcache-sgl KV-layout kernels: a plain C ABI over raw pointers, loaded with ctypes
+// from lmcache_sgl/ops.py (the only caller). No torch headers: the build is independent
+// of torch's ABI and CUDA version.
+//
+// All functions return 0 on success. The CPU library returns LMCSGL_ERR_* codes; the CUDA
+// library returns a cudaError_t (cudaErrorInvalidValue == 1 == LMCSGL_ERR_INVALID).
+//
+// Rows: a "pool" is B buffers, each an array of fixed-size rows (one row per KV slot:
+// SGLang's per-layer k/v buffer [slots, kv_heads, head_dim], or MLA [slots, 1, dim]).
+// A "flat" chunk buffer is contiguous [B, N, row_bytes]. Slots are NOT bounds-checked
+// here (the caller checks 0 <= slot < pool size); buffers must not overlap each other or
+// the flat buffer.
+#pragma once
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define LMCSGL_API __declspec(dllexport)
+#else
+#define LMCSGL_API __attribute__((visibility("default")))
+#endif
+
+#define LMCSGL_OK 0
+#define LMCSGL_ERR_INVALID 1  // bad argument (negative size, nbytes % elem_size != 0, ...)
+#define LMCSGL_ERR_NOMEM 2    // host allocation failed
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- CPU (lmcache_sgl/_kernels_cpu.so) ----
+// Threads: up to hardware_concurrency (or $LMCACHE_SGL_THREADS, read once); serial when
+// the call moves less than 1 MiB.
+
+// out[b, n, :] = bufs[b][slots[n] * row_bytes : +row_bytes]. Slots may repeat.
+LMCSGL_API int lmcsgl_gather_rows(const void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                  const int64_t* slots, int64_t num_slots, void* out);
+
+// bufs[b][slots[n]] = src[b, n, :]. With repeated slots the result equals sequential
+// assignment in n order: the last occurrence wins.
+LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                   const int64_t* slots, int64_t num_slots, const void* src);
+
+// Byte-plane shuffle, n = nbytes / elem_size: dst[j * n + i] = src[i * elem_size + j].
+// nbytes must be a multiple of elem_size >= 1; src and dst must not overlap.
+LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
+// Inverse: dst[i * elem_size + j] = src[j * n + i].
+LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
+
+// ---- CUDA (lmcache_sgl/_kernels_cuda.so) ----
+// Same semantics on device memory, enqueued on `stream` (a cudaStream_t; asynchronous).
+// `ptrs` is a DEVICE array of num_bufs int64 buffer addresses; slots is a device array.
+// Scatter: slots must be distinct (the caller removes repeats, keeping the last).
+
+LMCSGL_API int lmcsgl_cuda_gather_rows(const int64_t* ptrs, int64_t num_bufs, int64_t row_bytes,
+                                       const int64_t* slots, int64_t num_slots, void* out,
+                                       void* stream);
+LMCSGL_API int lmcsgl_cuda_scatter_rows(const int64_t* ptrs, int64_t num_bufs, int64_t row_bytes,
+                                        const int64_t* slots, int64_t num_slots, const void* src,
+                                        void* stream);
+LMCSGL_API int lmcsgl_cuda_shuffle_bytes(const void* src, void* dst, int64_t nbytes,
+                                         int64_t elem_size, void* stream);
+LMCSGL_API int lmcsgl_cuda_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
+                                           int64_t elem_size, void* stream);
+// 0 when the kernels can run on the current device (driver new enough, code for its arch).
+LMCSGL_API int lmcsgl_cuda_check(void);
+LMCSGL_API const char* lmcsgl_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif
