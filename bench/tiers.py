@@ -32,9 +32,10 @@ from lmcache_sgl.storage import CpuTier, DiskTier  # noqa: E402
 LAYERS, HEADS, HEAD_DIM, TOKENS = 32, 8, 128, 256
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
-    fn()
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over `repeats` runs, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -85,7 +86,12 @@ def main() -> None:
     buffers = pool.k_buffer + pool.v_buffer
     layout = ChunkLayout("mha", "bfloat16", (2, LAYERS, TOKENS, HEADS, HEAD_DIM))
     nbytes = layout.nbytes
-    slots = torch.randperm(4 * TOKENS)[:TOKENS].add(1)  # slot 0 is SGLang's padding slot
+    # Slots as SGLang's own allocator hands them to a prefill (runs of free slots); fully
+    # scattered slots, a fragmented pool's worst case, are reported too.
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    slots = TokenToKVPoolAllocator(4 * TOKENS, torch.bfloat16, "cpu", pool, need_sort=True).alloc(TOKENS)
+    scattered = torch.randperm(4 * TOKENS)[:TOKENS].add(1)  # slot 0 is SGLang's padding slot
     gbps = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
 
     src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
@@ -95,7 +101,10 @@ def main() -> None:
     cpu = CpuTier(4 * nbytes, nbytes)
     keys = iter(range(1 << 30))
     gather = lambda buf: ops.gather(buffers, slots, buf)  # noqa: E731
-    result["cpu_store_gbps"] = gbps(timed(lambda: cpu.store(next(keys).to_bytes(16, "little"), layout, gather), repeats))
+    # Warm-up stores cycle through every slab once: the arena's pages are faulted in once
+    # per process, which is not what a steady-state store costs.
+    store = lambda: cpu.store(next(keys).to_bytes(16, "little"), layout, gather)  # noqa: E731
+    result["cpu_store_gbps"] = gbps(timed(store, repeats, warmup=cpu.num_slabs + 1))
     key = cpu.keys()[-1]
 
     def retrieve() -> None:
@@ -104,6 +113,9 @@ def main() -> None:
         cpu.unpin(key)
 
     result["cpu_retrieve_gbps"] = gbps(timed(retrieve, repeats))
+    out_buf = torch.empty(nbytes, dtype=torch.uint8)
+    result["cpu_store_scattered_slots_gbps"] = gbps(timed(lambda: ops.gather(buffers, scattered, out_buf), repeats))
+    result["cpu_retrieve_scattered_slots_gbps"] = gbps(timed(lambda: ops.scatter(buffers, scattered, out_buf), repeats))
 
     chunk = torch.empty(nbytes, dtype=torch.uint8)
     ops.gather(buffers, slots, chunk)

@@ -1,0 +1,170 @@
+"""Time to first token on real SGLang servers: lmcache-sgl vs stock SGLang, side by side.
+
+All servers run the built-in `small` model (random-weight Llama, 8 layers, hidden 768)
+with the same small device pool (--max-total-tokens = 1.5 prompts), so a second prompt
+evicts the first one from SGLang's radix tree. Phases, each a /generate of one token:
+
+  ours (--enable-lmcache; CPU and disk tiers)
+    cold          prompt A, nothing cached
+    device hit    A again (SGLang's radix tree)
+    CPU-tier hit  A after prompt B pushed it out of the tree
+    disk-tier hit A after a server restart (CPU tier empty)
+  baseline (stock SGLang, same pool): A cold, then A after B (the revisit recomputes)
+  stock backend (no lmcache, SGLang's unmodified CPU extend attention): cold, device hit
+  no reuse: all-distinct prompts, concurrently, on ours and on the baseline: the
+    throughput ratio shows what spilling costs when nothing is reused.
+
+On a CPU-only machine every server runs in CPU development mode, ours and the baseline
+with the new-tokens-only extend attention; the stock-backend figures show its effect.
+
+    python bench/ttft.py [--quick] [--json] [--prompt-tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import yaml  # noqa: E402
+
+from lmcache_sgl.cli import default_model_dir  # noqa: E402
+from lmcache_sgl.models import make_model  # noqa: E402
+from lmcache_sgl.server import SGLangServer  # noqa: E402
+
+
+def ttft(server: SGLangServer, prompt: list[int]) -> tuple[float, int]:
+    """Seconds for a one-token generation (prefill + first token), and the cached tokens."""
+    start = time.perf_counter()
+    reply = server.generate(prompt, max_new_tokens=1, return_logprob=False)
+    return time.perf_counter() - start, reply["meta_info"]["cached_tokens"]
+
+
+def throughput(server: SGLangServer, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens (prompt + generated) per second for all prompts sent at once."""
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: server.generate(p, max_new_tokens=new_tokens, return_logprob=False, ignore_eos=True), prompts))
+    tokens = sum(len(p) + len(r["output_ids"]) for p, r in zip(prompts, replies))
+    return tokens / (time.perf_counter() - start)
+
+
+STARTED: list[SGLangServer] = []
+
+
+def start(model: str, args: list[str], workdir: str, name: str, env: dict | None = None) -> SGLangServer:
+    server = SGLangServer(model, extra_args=args, env_overrides=env, log_path=os.path.join(workdir, f"{name}.log"))
+    STARTED.append(server)
+    server.start()
+    server.wait_healthy(timeout=600)
+    server.generate(list(range(100, 164)), max_new_tokens=2)  # warm-up
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one sample per phase (finishes in under 10 minutes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--model-dir", default=None, help="default: the built-in small model (built if missing)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    opts = parser.parse_args()
+
+    model = opts.model_dir or str(make_model(default_model_dir("small", 0), "small", 0))
+    n = opts.prompt_tokens
+    samples = 1 if opts.quick else 3
+    rng = random.Random(0)
+    vocab = 4000
+    prompt = lambda: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
+    targets = [prompt() for _ in range(samples)]  # the prompts whose TTFT we follow
+    evictors = [prompt() for _ in range(samples)]
+    distinct = [[rng.randrange(10, vocab) for _ in range(2048)] for _ in range(6)]
+    pool_args = ["--max-total-tokens", str(n + n // 2)]
+
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="ttft-", dir=out)
+    config = os.path.join(workdir, "lmcache.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({"chunk_size": 256, "max_local_cpu_size": 2.0, "local_disk": os.path.join(workdir, "disk"), "max_local_disk_size": 4.0}, f)
+    ours_args = ["--enable-lmcache", "--lmcache-config-file", config, *pool_args]
+    phases: dict[str, list[float]] = {}
+    cached: dict[str, list[int]] = {}
+
+    def record(phase: str, server: SGLangServer, p: list[int]) -> None:
+        seconds, hit = ttft(server, p)
+        phases.setdefault(phase, []).append(seconds)
+        cached.setdefault(phase, []).append(hit)
+
+    try:
+        ours = start(model, ours_args, workdir, "ours")
+        for a, b in zip(targets, evictors):
+            record("cold", ours, a)
+            record("device_hit", ours, a)
+            record("evict", ours, b)
+            record("cpu_hit", ours, a)
+        ours_throughput = throughput(ours, distinct, 16)
+        ours.stop()
+        ours = start(model, ours_args, workdir, "ours-restarted")
+        for a in targets:
+            record("disk_hit", ours, a)
+        ours.stop()
+
+        base = start(model, pool_args, workdir, "baseline")
+        for a, b in zip(targets, evictors):
+            record("baseline_cold", base, a)
+            record("baseline_evict", base, b)
+            record("baseline_revisit", base, a)
+        base_throughput = throughput(base, distinct, 16)
+        base.stop()
+
+        stock = start(model, pool_args, workdir, "stock-backend", env={"LMCACHE_SGL_CPU_EXTEND": "0"})
+        for a in targets:
+            record("stock_backend_cold", stock, a)
+            record("stock_backend_device_hit", stock, a)
+        stock.stop()
+    finally:
+        for server in STARTED:
+            server.stop()
+        if not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    result = {
+        "cold_ttft_s": med["cold"],
+        "device_hit_ttft_s": med["device_hit"],
+        "cpu_hit_ttft_s": med["cpu_hit"],
+        "disk_hit_ttft_s": med["disk_hit"],
+        "baseline_revisit_ttft_s": med["baseline_revisit"],
+        "stock_backend_cold_ttft_s": med["stock_backend_cold"],
+        "stock_backend_device_hit_ttft_s": med["stock_backend_device_hit"],
+        "prompt_tokens": n,
+        "noreuse_throughput_ratio": ours_throughput / base_throughput,
+        "baseline_cold_ttft_s": med["baseline_cold"],
+        "cached_tokens": {k: min(v) for k, v in cached.items() if not k.endswith("evict")},
+        "cpu_hit_vs_device_hit": med["cpu_hit"] / med["device_hit"],
+        "cpu_hit_vs_cold": med["cpu_hit"] / med["cold"],
+        "disk_hit_vs_device_hit": med["disk_hit"] / med["device_hit"],
+        "disk_hit_vs_cold": med["disk_hit"] / med["cold"],
+        "cold_vs_stock_backend_cold": med["cold"] / med["stock_backend_cold"],
+        "baseline_revisit_vs_cold": med["baseline_revisit"] / med["cold"],
+        "samples": samples,
+    }
+    if opts.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        for key, value in result.items():
+            print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
+
+
+if __name__ == "__main__":
+    main()

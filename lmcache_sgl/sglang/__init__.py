@@ -1,0 +1,1 @@
+"""SGLang integration: the radix-cache plugin and CPU development mode."""
