@@ -29,7 +29,7 @@ class LMCacheConfig:
     max_local_cpu_size: float = 5.0  # GB of CPU memory for the CPU tier
     local_disk: str | None = None  # directory of the disk tier ("file://" prefix allowed)
     max_local_disk_size: float = 0.0  # GB the disk tier may use
-    write_policy: str = "write_back"  # write_back: CPU evictions go to disk; write_through: every tier at store
+    write_policy: str = "write_through"  # write_through: every store also goes to disk; write_back: only CPU evictions do
     disk_codec: str = "zstd"  # zstd (byte shuffle + zstd) or raw
     zstd_level: int = 1  # zstd level for disk frames
     save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
