@@ -5,7 +5,8 @@ frame = header | block table | payload | xxh3-128 digest of everything before it
 The header names the chunk key, the layout (kind, dtype, shape), the codec and the
 sizes. Codecs: raw (payload is the chunk's bytes) and zstd (the chunk is cut into
 blocks; each block is byte-plane shuffled, then zstd-compressed on its own, so blocks
-encode and decode in parallel). Decoding checks everything and raises a FrameError
+decode in parallel on every core; encoding runs in the caller's thread, a background
+writer). Decoding checks everything and raises a FrameError
 subclass on any mismatch: callers treat that as a miss, never as data.
 """
 
@@ -152,7 +153,7 @@ def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "ra
         elem = layout.itemsize
         block_bytes = BLOCK_BYTES - BLOCK_BYTES % elem
         pieces = raw.split(block_bytes)
-        blocks = list(_workers().map(lambda b: _compress_block(b, elem, level), pieces))
+        blocks = [_compress_block(b, elem, level) for b in pieces]  # in the caller's (background) thread
     shape = tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
     header = _HEADER.pack(
         MAGIC, VERSION, CODECS[codec], KINDS[layout.kind], _DTYPE_CODES[layout.dtype], len(layout.shape),

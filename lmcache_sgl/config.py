@@ -27,20 +27,20 @@ class LMCacheConfig:
     chunk_size: int = 256  # tokens per chunk; a positive multiple of SGLang's page size
     local_cpu: bool = True  # keep chunks in the CPU tier
     max_local_cpu_size: float = 5.0  # GB of CPU memory for the CPU tier
-    local_disk: str | None = None  # directory of the disk tier ("file://" prefix allowed)
+    local_disk: str | None = None  # directory of the disk tier ("file://" prefix and ~ allowed)
     max_local_disk_size: float = 0.0  # GB the disk tier may use
     write_policy: str = "write_through"  # write_through: every store also goes to disk; write_back: only CPU evictions do
     disk_codec: str = "zstd"  # zstd (byte shuffle + zstd) or raw
     zstd_level: int = 1  # zstd level for disk frames
     save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
-    save_on_checkpoint: bool = False  # store chunks as soon as computed, not only when SGLang evicts them
+    save_on_checkpoint: bool = True  # store chunks as soon as computed (else only when SGLang evicts them)
     save_decode_cache: bool = False  # with save_on_checkpoint, store decode tokens' chunks too
 
     @property
     def disk_path(self) -> str | None:
         if self.local_disk is None:
             return None
-        return self.local_disk.removeprefix("file://")
+        return os.path.expanduser(self.local_disk.removeprefix("file://"))
 
     @property
     def cpu_bytes(self) -> int:

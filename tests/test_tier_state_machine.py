@@ -10,7 +10,7 @@ import tempfile
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from lmcache_sgl.codec import ChunkLayout
 from lmcache_sgl.storage import CpuTier, DiskTier, TierStack
@@ -38,18 +38,21 @@ class TierStackMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="lmcsgl-sm-")
-        self.write_through = False
-        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), self._disk(), write_through=False)
         self.model: dict[bytes, torch.Tensor] = {}
         self.damaged: set[bytes] = set()
         self.real_write = disk_module._write_file
+
+    @initialize(write_through=st.booleans())
+    def make_stack(self, write_through):
+        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), self._disk(), write_through=write_through)
 
     def _disk(self) -> DiskTier:
         return DiskTier(self.dir, DISK_CAPACITY, codec="zstd", queue_depth=4)
 
     def teardown(self):
         disk_module._write_file = self.real_write
-        self.stack.disk.close()
+        if hasattr(self, "stack"):
+            self.stack.disk.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(i=st.integers(0, NUM_KEYS - 1))
@@ -106,6 +109,8 @@ class TierStackMachine(RuleBasedStateMachine):
         if k is None or not os.path.exists(path):
             return
         data = bytearray(open(path, "rb").read())
+        if not data:
+            return
         data[pos % len(data)] ^= 0x40
         open(path, "wb").write(bytes(data))
         self.damaged.add(k)

@@ -15,6 +15,7 @@ managers/schedule_policy.py):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -115,9 +116,11 @@ class LMCacheRadixCache(UnifiedRadixCache):
             return 0, params.best_match_node
         count = params.host_hit_length
         allocator = self.token_to_kv_pool_allocator
+        started = time.perf_counter()
         if allocator.available_size() < count:
             self.evict(EvictParams(num_tokens=count))
         slots = allocator.alloc(count)
+        allocated = time.perf_counter()
         loaded = slots is not None and self.engine.load(pending.chunks, pending.device_len, slots)
         self.engine.stack.unprotect(pending.protected, pending.protected_in)
         pending.protected = []
@@ -129,7 +132,10 @@ class LMCacheRadixCache(UnifiedRadixCache):
             log.warning("lmcache-sgl: could not load %d tokens for request %s; recomputing them", count, req.rid)
             return 0, params.best_match_node
         pending.slots = slots
-        log.info("lmcache-sgl: loaded %d tokens after a device hit of %d for request %s", count, pending.device_len, req.rid)
+        log.info(
+            "lmcache-sgl: loaded %d tokens after a device hit of %d for request %s (allocation %.1f ms, load %.1f ms)",
+            count, pending.device_len, req.rid, 1e3 * (allocated - started), 1e3 * (time.perf_counter() - allocated),
+        )
         return count, params.best_match_node
 
     def load_back_is_cache_owned(self) -> bool:

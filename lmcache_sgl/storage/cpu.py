@@ -7,10 +7,11 @@ evicted. An entry is verified on every read by its key and layout.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -124,6 +125,20 @@ class CpuTier:
             if entry is not None:
                 entry.pins += 1
             return entry is not None
+
+    @contextlib.contextmanager
+    def borrow(self, key: bytes, layout: ChunkLayout) -> Iterator[torch.Tensor | None]:
+        """The chunk's bytes, pinned for the `with` block (no hit counted); None if absent."""
+        with self._lock:
+            entry = self._entries.get(key)
+            ok = entry is not None and entry.layout == layout
+            if ok:
+                entry.pins += 1
+        try:
+            yield self._view(entry.slab, layout.nbytes) if ok else None
+        finally:
+            if ok:
+                self.unpin(key)
 
     def unpin(self, key: bytes) -> None:
         with self._lock:

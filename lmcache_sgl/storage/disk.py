@@ -16,6 +16,8 @@ import os
 import queue
 import threading
 from collections import Counter, OrderedDict
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -25,6 +27,8 @@ from .stats import TierStats
 log = logging.getLogger("lmcache_sgl")
 SUFFIX = ".lmsg"
 _STOP = object()
+WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
+Source = Callable[[], ContextManager[Optional[torch.Tensor]]]
 
 
 class DiskTier:
@@ -121,8 +125,9 @@ class DiskTier:
                 _unlink(self._file(key))
 
     # ---- writes ------------------------------------------------------------------
-    def put(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> bool:
-        """Queue `data` (a CPU tensor the caller no longer changes) to be written.
+    def put(self, key: bytes, layout: ChunkLayout, data: torch.Tensor | Source) -> bool:
+        """Queue a chunk to be written: `data` is a CPU tensor the caller no longer changes,
+        or a Source the writer opens when it gets to the chunk (None there: dropped).
 
         Returns at once: False when the chunk is already here or queued, or the queue is
         full (the store is dropped and counted).
@@ -152,12 +157,25 @@ class DiskTier:
             t.join()
 
     def _work(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+        except OSError:
+            pass
         while True:
             item = self._queue.get()
             try:
                 if item is _STOP:
                     return
-                self._write(*item)
+                key, layout, data = item
+                try:
+                    with data() if callable(data) else nullcontext(data) as tensor:
+                        if tensor is None:
+                            self.stats.dropped += 1
+                        else:
+                            self._write(key, layout, tensor)
+                finally:
+                    with self._lock:
+                        self._pending.discard(key)
             except Exception:  # a bug must not kill the writer: log it, drop the store
                 self.stats.write_errors += 1
                 log.exception("lmcache-sgl disk tier: a store failed")
@@ -166,36 +184,29 @@ class DiskTier:
 
     def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
         tmp = self._file(key) + f".{threading.get_ident()}.tmp"
-        try:
-            parts = encode(key, layout, data, self.codec, self.level)
-            size = sum(len(memoryview(p).cast("B")) for p in parts)
-            if size > self.capacity_bytes:
+        parts = encode(key, layout, data, self.codec, self.level)
+        size = sum(len(memoryview(p).cast("B")) for p in parts)
+        with self._lock:
+            while self._used + size > self.capacity_bytes and self._evict_one():
+                pass
+            if self._used + size > self.capacity_bytes:  # too big, or the rest is protected or in flight
                 self.stats.dropped += 1
                 return
+            self._used += size  # reserved, so concurrent writers respect the budget
+        try:
+            _write_file(tmp, parts)
+            os.replace(tmp, self._file(key))
+        except OSError as e:
             with self._lock:
-                while self._used + size > self.capacity_bytes and self._evict_one():
-                    pass
-                if self._used + size > self.capacity_bytes:  # the rest is protected or in flight
-                    self.stats.dropped += 1
-                    return
-                self._used += size  # reserved, so concurrent writers respect the budget
-            try:
-                _write_file(tmp, parts)
-                os.replace(tmp, self._file(key))
-            except OSError as e:
-                with self._lock:
-                    self._used -= size
-                _unlink(tmp)
-                self.stats.write_errors += 1
-                log.warning("lmcache-sgl disk tier: dropped a store to %s: %s", self.path, e)
-                return
-            with self._lock:
-                self._index[key] = size
-            self.stats.stores += 1
-            self.stats.bytes_stored += size
-        finally:
-            with self._lock:
-                self._pending.discard(key)
+                self._used -= size
+            _unlink(tmp)
+            self.stats.write_errors += 1
+            log.warning("lmcache-sgl disk tier: dropped a store to %s: %s", self.path, e)
+            return
+        with self._lock:
+            self._index[key] = size
+        self.stats.stores += 1
+        self.stats.bytes_stored += size
 
     # ---- reads -------------------------------------------------------------------
     def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> bool:

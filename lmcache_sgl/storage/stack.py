@@ -70,12 +70,8 @@ class TierStack:
         if self.cpu is not None:
             stored = self.cpu.store(key, layout, fill)
             if stored and self.write_through and self.disk is not None:
-                data = self.cpu.pin(key, layout)
-                assert data is not None
-                try:
-                    self.disk.put(key, layout, data.clone())
-                finally:
-                    self.cpu.unpin(key)
+                # The writer reads the CPU copy when it gets to it; gone by then means dropped.
+                self.disk.put(key, layout, lambda: self.cpu.borrow(key, layout))
             if stored or self.disk is None:
                 return stored
         data = torch.empty(layout.nbytes, dtype=torch.uint8)  # no room in CPU memory: straight to disk

@@ -49,22 +49,14 @@ __global__ void rows_kernel(const int64_t* __restrict__ ptrs, int64_t num_slots,
   }
 }
 
-// Byte planes, one thread per output byte (coalesced writes).
-__global__ void shuffle_kernel(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
-                               int64_t n, int64_t elem_size, int64_t nbytes) {
+// Byte planes, one thread per output byte (coalesced writes). kInverse: planes -> elements.
+template <bool kInverse>
+__global__ void byte_planes_kernel(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
+                                   int64_t n, int64_t elem_size, int64_t nbytes) {
   for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < nbytes;
        o += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = o / n, i = o - j * n;
-    dst[o] = src[i * elem_size + j];
-  }
-}
-
-__global__ void unshuffle_kernel(const unsigned char* __restrict__ src, unsigned char* __restrict__ dst,
-                                 int64_t n, int64_t elem_size, int64_t nbytes) {
-  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < nbytes;
-       o += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = o / elem_size, j = o - i * elem_size;
-    dst[o] = src[j * n + i];
+    const int64_t major = o / (kInverse ? elem_size : n), minor = o - major * (kInverse ? elem_size : n);
+    dst[o] = kInverse ? src[minor * n + major] : src[minor * elem_size + major];
   }
 }
 
@@ -122,9 +114,9 @@ int shuffle_launch(const void* src, void* dst, int64_t nbytes, int64_t elem_size
       shuffle2_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
           reinterpret_cast<const unsigned short*>(in), out, n);
   } else if (kInverse) {
-    unshuffle_kernel<<<grid_for(nbytes, kThreads), kThreads, 0, s>>>(in, out, n, elem_size, nbytes);
+    byte_planes_kernel<true><<<grid_for(nbytes, kThreads), kThreads, 0, s>>>(in, out, n, elem_size, nbytes);
   } else {
-    shuffle_kernel<<<grid_for(nbytes, kThreads), kThreads, 0, s>>>(in, out, n, elem_size, nbytes);
+    byte_planes_kernel<false><<<grid_for(nbytes, kThreads), kThreads, 0, s>>>(in, out, n, elem_size, nbytes);
   }
   return cudaGetLastError();
 }
