@@ -82,15 +82,20 @@ def test_evicted_prefix_comes_back_from_cpu_then_disk(models, tmp_path):
 
 
 def test_cache_salt_keeps_tenants_apart(models, tmp_path):
+    """Also the other way in: --radix-cache-backend lmcache_sgl, config from LMCACHE_CONFIG_FILE."""
     cfg = config_file(tmp_path)
     a, b, c = prompts(3, seed=1)
-    with server(models["tiny"], cfg, tmp_path, "salt") as srv:
+    args = ["--radix-cache-backend", "lmcache_sgl", "--max-total-tokens", str(POOL)]
+    srv = SGLangServer(models["tiny"], extra_args=args, env_overrides={"LMCACHE_CONFIG_FILE": cfg}, log_path=tmp_path / "salt.log")
+    with srv:
         srv.wait_healthy()
         srv.request("/generate", {"input_ids": a, "sampling_params": {"max_new_tokens": 4, "temperature": 0}, "cache_salt": "tenant-a"})
         for p in (b, c):
             srv.generate(p, max_new_tokens=4)
         other = srv.request("/generate", {"input_ids": a, "sampling_params": {"max_new_tokens": 4, "temperature": 0}, "cache_salt": "tenant-b"})
         same = srv.request("/generate", {"input_ids": a, "sampling_params": {"max_new_tokens": 4, "temperature": 0}, "cache_salt": "tenant-a"})
+        log = srv.log_path.read_text()
+    assert "lmcache-sgl active" in log and LOADED in log
     assert other["meta_info"]["cached_tokens"] == 0
     assert same["meta_info"]["cached_tokens"] >= PROMPT // CHUNK * CHUNK
 

@@ -57,6 +57,9 @@ _SERVER_FLAGS = [
     "--grammar-backend", "none",
     "--disable-decode-cuda-graph",
     "--disable-prefill-cuda-graph",
+    # An idle scheduler otherwise polls at 100% of a core, which on a small CPU box
+    # takes that core from every other process (a second server, background writers).
+    "--sleep-on-idle",
 ]
 
 

@@ -1,0 +1,63 @@
+"""The SGLang plugin entry point: registration, version check, pool views, model identity."""
+
+import logging
+
+import pytest
+import torch
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+from sglang.srt.mem_cache.registry import get_radix_cache_factory
+
+from lmcache_sgl.sglang import plugin
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "lmcache_sgl"]
+    assert eps and eps[0].value == "lmcache_sgl.sglang.plugin:register"
+
+
+def test_register_adds_the_backend():
+    plugin.register()
+    plugin.register()  # idempotent: SGLang may load plugins more than once
+    assert get_radix_cache_factory(plugin.BACKEND) is plugin.build_cache
+
+
+def test_other_sglang_version_is_refused_with_a_clear_message(monkeypatch, caplog):
+    monkeypatch.setattr(plugin.importlib.metadata, "version", lambda name: "0.9.0")
+    with caplog.at_level(logging.ERROR, logger="lmcache_sgl"):
+        plugin.register()
+    assert "needs sglang==0.5.23 but sglang 0.9.0 is installed" in caplog.text
+
+
+def test_pool_views_of_sglang_pools():
+    mha = MHATokenToKVPool(64, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=3,
+                           device="cpu", enable_memory_saver=False)
+    view = plugin.pool_view(mha)
+    assert view.kind == "mha" and len(view.buffers) == 6 and view.layout(4).shape == (2, 3, 4, 2, 8)
+    mla = MLATokenToKVPool(64, page_size=1, dtype=torch.bfloat16, kv_lora_rank=16, qk_rope_head_dim=8,
+                           layer_num=3, device="cpu", enable_memory_saver=False)
+    view = plugin.pool_view(mla)
+    assert view.kind == "mla" and len(view.buffers) == 3 and view.layout(4).shape == (3, 4, 1, 24)
+    with pytest.raises(ValueError, match="does not support"):
+        plugin.pool_view(object())
+
+
+class _Config:
+    def __init__(self, **values):
+        self.values = values
+
+    def to_dict(self):
+        return dict(self.values)
+
+
+def test_model_identity_depends_on_config_shapes_and_values_not_path():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    base = plugin.model_identity(_Config(layers=2, _name_or_path="/a"), model)
+    assert base == plugin.model_identity(_Config(layers=2, _name_or_path="/b"), model)
+    assert base != plugin.model_identity(_Config(layers=3, _name_or_path="/a"), model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    assert base != plugin.model_identity(_Config(layers=2, _name_or_path="/a"), model)
+    assert base != plugin.model_identity(_Config(layers=2), torch.nn.Linear(4, 5))
