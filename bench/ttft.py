@@ -6,10 +6,10 @@ evicts the first one from SGLang's radix tree. Phases, each a /generate of one t
 
   ours (--enable-lmcache; CPU and disk tiers)
     cold          prompt A, nothing cached
-    device hit    A again (SGLang's radix tree)
-    CPU-tier hit  A after prompt B pushed it out of the tree
+    device hit    A again (SGLang's radix tree), median of 3
+    CPU-tier hit  A after other prompts filled the pool and pushed A out, median of 3
     disk-tier hit A after a server restart (CPU tier empty)
-  baseline (stock SGLang, same pool): A cold, then A after B (the revisit recomputes)
+  baseline (stock SGLang, same pool): A cold, then A after the same eviction (recomputed)
   stock backend (no lmcache, SGLang's unmodified CPU extend attention): cold, device hit
   no reuse: all-distinct prompts, concurrently, on ours and on the baseline: the
     throughput ratio shows what spilling costs when nothing is reused.
@@ -81,14 +81,17 @@ def main() -> None:
 
     model = opts.model_dir or str(make_model(default_model_dir("small", 0), "small", 0))
     n = opts.prompt_tokens
-    samples = 1 if opts.quick else 3
+    samples = 1 if opts.quick else 3  # cold prefills and disk hits (each needs a fresh prompt or server)
+    repeats = 3  # device hits, and CPU-tier hits (each after a fresh eviction)
     rng = random.Random(0)
     vocab = 4000
-    prompt = lambda: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
+    prompt = lambda length=n: [rng.randrange(10, vocab) for _ in range(length)]  # noqa: E731
     targets = [prompt() for _ in range(samples)]  # the prompts whose TTFT we follow
-    evictors = [(prompt(), prompt()) for _ in range(samples)]  # two, so nothing of the target stays
-    distinct = [[[rng.randrange(10, vocab) for _ in range(2048)] for _ in range(6)] for _ in range(2)]
-    pool_args = ["--max-total-tokens", str(n + n // 2)]
+    # Evictors: half-prompts filling the whole device pool, so nothing of a target stays.
+    pool_tokens = n + n // 2
+    evict_sets = [[prompt(n // 2) for _ in range(3)] for _ in range(repeats)]
+    distinct = [[prompt(2048) for _ in range(6)] for _ in range(2)]
+    pool_args = ["--max-total-tokens", str(pool_tokens)]
 
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out, exist_ok=True)
@@ -105,37 +108,43 @@ def main() -> None:
         phases.setdefault(phase, []).append(seconds)
         cached.setdefault(phase, []).append(hit)
 
+    def evict(phase: str, server: SGLangServer, k: int) -> None:
+        for p in evict_sets[k]:
+            record(phase, server, p)
+
     try:
         ours = start(model, ours_args, workdir, "ours")
-        for a, (b, c) in zip(targets, evictors):
+        for a in targets:
             record("cold", ours, a)
-            record("device_hit", ours, a)
-            record("evict", ours, b)
-            record("evict", ours, c)
-            record("cpu_hit", ours, a)
+            for _ in range(repeats):
+                record("device_hit", ours, a)
+            for k in range(repeats):
+                evict("evict", ours, k)
+                record("cpu_hit", ours, a)
         base = start(model, pool_args, workdir, "baseline")
-        for a, (b, c) in zip(targets, evictors):
+        for a in targets:
             record("baseline_cold", base, a)
-            record("baseline_evict", base, b)
-            record("baseline_evict", base, c)
+            evict("baseline_evict", base, 0)
             record("baseline_revisit", base, a)
-        # No reuse: the same all-distinct workloads on both live servers, alternating, so
-        # drifts of this machine's speed hit both alike.
+        # No reuse: the same all-distinct workloads on both live servers (idle ones sleep),
+        # in the order ours, base, base, ours, so a drift of this machine's speed cancels.
         rates = {"ours": [], "base": []}
-        for prompts in distinct:
-            rates["ours"].append(throughput(ours, prompts, 16))
-            rates["base"].append(throughput(base, prompts, 16))
+        for i, prompts in enumerate(distinct):
+            order = [("ours", ours), ("base", base)][:: 1 if i % 2 == 0 else -1]
+            for name, server in order:
+                rates[name].append(throughput(server, prompts, 16))
         base.stop()
         ours.stop()
-        ours = start(model, ours_args, workdir, "ours-restarted")
-        for a in targets:
-            record("disk_hit", ours, a)
-        ours.stop()
+        for i in range(samples):
+            ours = start(model, ours_args, workdir, f"ours-restarted-{i}")
+            record("disk_hit", ours, targets[i])
+            ours.stop()
 
         stock = start(model, pool_args, workdir, "stock-backend", env={"LMCACHE_SGL_CPU_EXTEND": "0"})
         for a in targets:
             record("stock_backend_cold", stock, a)
-            record("stock_backend_device_hit", stock, a)
+            for _ in range(repeats):
+                record("stock_backend_device_hit", stock, a)
         stock.stop()
     finally:
         for server in STARTED:
@@ -162,7 +171,8 @@ def main() -> None:
         "disk_hit_vs_cold": med["disk_hit"] / med["cold"],
         "cold_vs_stock_backend_cold": med["cold"] / med["stock_backend_cold"],
         "baseline_revisit_vs_cold": med["baseline_revisit"] / med["cold"],
-        "samples": samples,
+        "noreuse_throughput_per_round": {k: [round(x) for x in v] for k, v in rates.items()},
+        "samples": {k: len(v) for k, v in phases.items() if not k.endswith("evict")},
     }
     if opts.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))

@@ -137,24 +137,24 @@ class CacheEngine:
         """Write the KV of tokens [begin, begin + len(slots)) into `slots` from stored
         chunks. True only if every token was written; on False, the slots hold garbage."""
         end = begin + len(slots)
-        for c in chunks:
-            if c.end <= begin or c.start >= end:
-                continue
-            layout = self.pool.layout(c.end - c.start)
-            data = self.stack.get(c.key, layout)
-            if data is None:
+        wanted = [c for c in chunks if c.end > begin and c.start < end]
+        datas = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted])
+        try:
+            if any(data is None for data in datas):
                 self.failed_loads += 1
                 return False
-            try:
+            for c, data in zip(wanted, datas):
                 lo, hi = max(c.start, begin), min(c.end, end)
                 src = data.view(len(self.pool.buffers), c.end - c.start, -1)
                 if (lo, hi) != (c.start, c.end):
                     src = src[:, lo - c.start : hi - c.start].contiguous()
                 self._scatter(slots[lo - begin : hi - begin], src)
-            finally:
-                self.stack.release(c.key)
-            self.loaded_chunks += 1
-        return True
+            self.loaded_chunks += len(wanted)
+            return True
+        finally:
+            for c, data in zip(wanted, datas):
+                if data is not None:
+                    self.stack.release(c.key)
 
     def _on_device(self):
         if self.device_stream is None:

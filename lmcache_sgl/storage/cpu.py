@@ -42,6 +42,7 @@ class CpuTier:
         self._arena = torch.empty(self.num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=pin)
         self._free = list(range(self.num_slabs))
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
+        self._filling: set[bytes] = set()  # slabs taken, bytes being written
         self._lock = threading.RLock()
         self.on_evict = on_evict
         self.stats = TierStats()
@@ -77,22 +78,28 @@ class CpuTier:
         if layout.nbytes > self.slab_bytes:
             raise ValueError(f"chunk of {layout.nbytes} bytes exceeds the slab size {self.slab_bytes}")
         with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
+            if key in self._entries or key in self._filling:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
                 return False
             slab = self._take_slab()
             if slab is None:
                 self.stats.dropped += 1
                 return False
-            try:
-                fill(self._view(slab, layout.nbytes))
-            except BaseException:
+            self._filling.add(key)
+        try:  # outside the lock: several chunks may be filled at once
+            fill(self._view(slab, layout.nbytes))
+        except BaseException:
+            with self._lock:
+                self._filling.discard(key)
                 self._free.append(slab)
-                raise
+            raise
+        with self._lock:
+            self._filling.discard(key)
             self._entries[key] = _Entry(slab, layout)
             self.stats.stores += 1
             self.stats.bytes_stored += layout.nbytes
-            return True
+        return True
 
     def _lru_unpinned(self) -> bytes | None:
         return next((k for k, e in self._entries.items() if e.pins == 0), None)

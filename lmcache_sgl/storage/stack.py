@@ -8,6 +8,8 @@ every store also goes to disk at once.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -99,6 +101,13 @@ class TierStack:
         self._scratch[key] = scratch
         return scratch
 
+    def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]]) -> list[torch.Tensor | None]:
+        """get() of every (key, layout); chunks that come from disk are read and decoded
+        concurrently. Release each one that is not None."""
+        if self.disk is None or len(items) < 2:
+            return [self.get(key, layout) for key, layout in items]
+        return list(_readers().map(lambda item: self.get(*item), items))
+
     def _read_disk(self, key: bytes, layout: ChunkLayout, buf: torch.Tensor) -> None:
         assert self.disk is not None
         if not self.disk.get_into(key, layout, buf):
@@ -116,6 +125,16 @@ class TierStack:
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: tier.stats.as_dict() for name, tier in (("cpu", self.cpu), ("disk", self.disk)) if tier is not None}
+
+
+_reader_pool: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _reader_pool
+    if _reader_pool is None:
+        _reader_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lmcsgl-read")
+    return _reader_pool
 
 
 class _Miss(Exception):
