@@ -71,6 +71,17 @@ class TierStackMachine(RuleBasedStateMachine):
         finally:
             self.stack.release(key(i))
 
+    @rule(ids=st.lists(st.integers(0, NUM_KEYS - 1), min_size=2, max_size=5, unique=True))
+    def get_many(self, ids):
+        datas = self.stack.get_many([(key(i), LAYOUT) for i in ids])
+        try:
+            for i, data in zip(ids, datas):
+                assert data is None or torch.equal(data, self.model[key(i)]), "get_many returned other bytes"
+        finally:
+            for i, data in zip(ids, datas):
+                if data is not None:
+                    self.stack.release(key(i))
+
     @rule(order=st.permutations(list(range(NUM_KEYS))), n=st.integers(0, NUM_KEYS))
     def lookup(self, order, n):
         keys = [key(i) for i in order[:n]]
