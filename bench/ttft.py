@@ -39,7 +39,7 @@ import yaml  # noqa: E402
 
 from lmcache_sgl.cli import default_model_dir  # noqa: E402
 from lmcache_sgl.models import make_model  # noqa: E402
-from lmcache_sgl.server import SGLangServer  # noqa: E402
+from lmcache_sgl.server import SGLangServer, wait_for_files  # noqa: E402
 
 
 def ttft(server: SGLangServer, prompt: list[int]) -> tuple[float, int]:
@@ -134,6 +134,7 @@ def main() -> None:
             for name, server in order:
                 rates[name].append(throughput(server, prompts, 16))
         base.stop()
+        wait_for_files(os.path.join(workdir, "disk"))  # let the idle server finish its disk writes
         ours.stop()
         for i in range(samples):
             ours = start(model, ours_args, workdir, f"ours-restarted-{i}")

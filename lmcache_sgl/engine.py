@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -57,6 +59,16 @@ class KVPoolView:
         return f"{self.kind}:L{self.num_layers}:" + "x".join(map(str, self.row_shape))
 
 
+_ENGINES: "weakref.WeakSet[CacheEngine]" = weakref.WeakSet()
+
+
+def mark_idle() -> None:
+    """The server has nothing to run: background disk writes may use the CPU (until the
+    next request reaches the cache, which clears the flag)."""
+    for engine in list(_ENGINES):
+        engine.idle.set()
+
+
 @dataclass(frozen=True)
 class Chunk:
     key: bytes
@@ -64,12 +76,13 @@ class Chunk:
     end: int  # one past the last token
 
 
-def build_tier_stack(config: LMCacheConfig, slab_bytes: int) -> TierStack:
-    """The tiers the config asks for; at least one must be enabled."""
+def build_tier_stack(config: LMCacheConfig, slab_bytes: int, idle: threading.Event | None = None) -> TierStack:
+    """The tiers the config asks for; at least one must be enabled. Disk writes wait for
+    `idle` (when given) so they do not compete with the model for the CPU."""
     cpu = CpuTier(config.cpu_bytes, slab_bytes) if config.local_cpu and config.cpu_bytes >= slab_bytes else None
     disk = None
     if config.disk_path:
-        disk = DiskTier(config.disk_path, config.disk_bytes, codec=config.disk_codec, level=config.zstd_level)
+        disk = DiskTier(config.disk_path, config.disk_bytes, codec=config.disk_codec, level=config.zstd_level, gate=idle)
     if cpu is None and disk is None:
         raise ValueError(
             "lmcache config enables no tier: set local_cpu with max_local_cpu_size of at least one chunk "
@@ -87,9 +100,11 @@ class CacheEngine:
         writes are ordered on it."""
         self.config = config
         self.device_stream = device_stream
+        self.idle = threading.Event()  # set while the server has nothing to run (mark_idle)
+        _ENGINES.add(self)
         self.pool = pool
         self.chunk_size = config.chunk_size
-        self.stack = stack or build_tier_stack(config, pool.layout(config.chunk_size).nbytes)
+        self.stack = stack or build_tier_stack(config, pool.layout(config.chunk_size).nbytes, self.idle)
         self._namespace = Namespace(model_id, pool.dtype, pool.describe(), tp_rank, tp_size)
         self._seeds: dict[tuple[str | None, str | None], bytes] = {}
         self.loaded_chunks = 0

@@ -208,6 +208,21 @@ class SGLangServer:
             raise ServerError(f"/flush_cache: HTTP {e.code}: {e.read()[:500]!r}") from e
 
 
+def wait_for_files(directory: str | os.PathLike, suffix: str = ".lmsg", quiet_s: float = 1.0,
+                   timeout: float = 120.0) -> int:
+    """Wait until some files ending in `suffix` are in `directory` and their number has not
+    changed for `quiet_s` (a server's background disk writes have settled); their count."""
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sum(1 for p in Path(directory).glob(f"*{suffix}")) if Path(directory).is_dir() else 0
+        if count != last:
+            last, since = count, time.monotonic()
+        elif count and time.monotonic() - since >= quiet_s:
+            return count
+        time.sleep(0.1)
+    return max(last, 0)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

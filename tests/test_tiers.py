@@ -138,3 +138,29 @@ def test_stack_write_through_and_disk_only(tmp_path):
     assert data is not None and torch.equal(data, payload(2))
     disk_only.release(key(2))
     assert disk_only.get(key(3), LAYOUT) is None
+
+
+def test_disk_writes_wait_for_the_gate_unless_flushed(tmp_path):
+    import threading
+    import time
+
+    gate = threading.Event()
+    disk = DiskTier(str(tmp_path), capacity_bytes=10**6, gate=gate, queue_depth=8)
+    disk.put(key(1), LAYOUT, payload(1))
+    time.sleep(0.3)
+    assert key(1) not in disk  # the host is busy: nothing written yet
+    gate.set()
+    for _ in range(100):
+        if key(1) in disk:
+            break
+        time.sleep(0.02)
+    assert key(1) in disk
+    gate.clear()
+    disk.put(key(2), LAYOUT, payload(2))
+    disk.flush()  # a flush does not wait for the gate
+    assert key(2) in disk
+    for i in range(3, 8):  # half the queue waiting: writes go ahead anyway
+        disk.put(key(i), LAYOUT, payload(i))
+    disk.flush()
+    assert all(key(i) in disk for i in range(3, 8))
+    disk.close()

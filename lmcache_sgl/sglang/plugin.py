@@ -14,7 +14,7 @@ import logging
 import torch
 
 from ..config import load_config
-from ..engine import CacheEngine, KVPoolView
+from ..engine import CacheEngine, KVPoolView, mark_idle
 from ..keys import model_fingerprint
 
 log = logging.getLogger("lmcache_sgl")
@@ -34,10 +34,18 @@ def register() -> None:
     if BACKEND not in registered_radix_cache_backends():
         register_radix_cache_backend(BACKEND, build_cache)
     HookRegistry.register("sglang.srt.mem_cache.registry.default_radix_cache_factory", _route_enable_lmcache, HookType.AROUND)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _after_is_fully_idle, HookType.AFTER)
     from . import cpu_mode
 
     if cpu_mode.wanted():
         cpu_mode.install_extend_hook()
+
+
+def _after_is_fully_idle(result, *args, **kwargs):
+    """The scheduler found nothing to run: let the disk writer work."""
+    if result:
+        mark_idle()
+    return result
 
 
 def _route_enable_lmcache(original, ctx):

@@ -62,6 +62,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         req, key = params.req, params.key
         if req is None or self.disable or key.is_bigram:
             return result
+        self.engine.idle.clear()  # a request is here: background writes step aside
         pending = self._pending.get(req.rid)
         if pending is not None and pending.slots is not None:
             return result  # loaded already; the slots reach the request through prefix_device_indices
@@ -151,6 +152,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
 
     # ---- store -------------------------------------------------------------------
     def checkpoint(self, req: Req, *, up_to: int, **kwargs) -> None:
+        self.engine.idle.clear()
         self._store_request(req, up_to)
         super().checkpoint(req, up_to=up_to, **kwargs)
         pending = self._pending.get(req.rid)

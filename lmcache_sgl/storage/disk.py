@@ -1,8 +1,9 @@
 """Disk tier: one verified frame per file, written off the caller's thread.
 
 Files are `<key hex>.lmsg` in one directory. Writes go through a bounded queue to
-worker threads and are atomic (temp file, then rename), so a reader sees a whole frame
-or none. The index is rebuilt from the directory at start (LRU order from mtimes), so
+worker threads (at low priority, and when a gate is given only while it is open, e.g.
+while the server is idle) and are atomic (temp file, then rename), so a reader sees a
+whole frame or none. The index is rebuilt from the directory at start (LRU order from mtimes), so
 the cache survives restarts. The byte budget is never exceeded: room is made, least
 recently used first, before a file is written. IO errors (a full or unwritable disk)
 are logged and counted and the store is dropped; a frame that fails verification on
@@ -34,8 +35,12 @@ Source = Callable[[], ContextManager[Optional[torch.Tensor]]]
 class DiskTier:
     def __init__(
         self, path: str, capacity_bytes: int, codec: str = "zstd", level: int = 1,
-        workers: int = 1, queue_depth: int = 16,
+        workers: int = 1, queue_depth: int = 1024, gate: threading.Event | None = None,
     ) -> None:
+        """gate: when given, writes wait until it is set (the host is idle), unless the
+        queue is half full or a flush is waiting."""
+        self.gate = gate
+        self._flushing = threading.Event()
         self.path = path
         self.capacity_bytes = capacity_bytes
         self.codec, self.level = codec, level
@@ -146,8 +151,19 @@ class DiskTier:
         return True
 
     def flush(self) -> None:
-        """Wait until every queued write has finished (or failed)."""
-        self._queue.join()
+        """Wait until every queued write has finished (or failed), gate or not."""
+        self._flushing.set()
+        try:
+            self._queue.join()
+        finally:
+            self._flushing.clear()
+
+    def _wait_for_turn(self) -> None:
+        if self.gate is None:
+            return
+        while not self.gate.wait(0.05):
+            if self._flushing.is_set() or self._queue.qsize() >= self._queue.maxsize // 2:
+                return
 
     def close(self) -> None:
         self.flush()
@@ -167,6 +183,7 @@ class DiskTier:
                 if item is _STOP:
                     return
                 key, layout, data = item
+                self._wait_for_turn()
                 try:
                     with data() if callable(data) else nullcontext(data) as tensor:
                         if tensor is None:
