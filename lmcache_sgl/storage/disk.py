@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import Counter, OrderedDict
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Optional
@@ -28,6 +29,7 @@ from .stats import TierStats
 log = logging.getLogger("lmcache_sgl")
 SUFFIX = ".lmsg"
 _STOP = object()
+IDLE_SETTLE_S = 0.2
 WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
 Source = Callable[[], ContextManager[Optional[torch.Tensor]]]
 
@@ -159,11 +161,15 @@ class DiskTier:
             self._flushing.clear()
 
     def _wait_for_turn(self) -> None:
+        """Return when the gate has stayed open for IDLE_SETTLE_S (a gap between two
+        back-to-back requests is not idleness), or a flush or a half-full queue says go."""
         if self.gate is None:
             return
-        while not self.gate.wait(0.05):
-            if self._flushing.is_set() or self._queue.qsize() >= self._queue.maxsize // 2:
-                return
+        while not (self._flushing.is_set() or self._queue.qsize() >= self._queue.maxsize // 2):
+            if self.gate.wait(0.05):
+                time.sleep(IDLE_SETTLE_S)
+                if self.gate.is_set():
+                    return
 
     def close(self) -> None:
         self.flush()
