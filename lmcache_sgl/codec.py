@@ -42,6 +42,8 @@ DTYPES = {
     "float8_e5m2": torch.float8_e5m2,
 }
 _DTYPE_CODES = {name: i for i, name in enumerate(DTYPES)}
+_DTYPE_NAMES = list(DTYPES)
+_KIND_NAMES = {code: name for name, code in KINDS.items()}
 MAX_DIMS = 6
 BLOCK_BYTES = 1 << 20
 # magic, version, codec, kind, dtype, ndim, key, shape[6], raw length, block size, blocks
@@ -193,9 +195,8 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> No
         raise ChecksumMismatch("frame checksum mismatch")
     if fkey != key:
         raise KeyMismatch(f"frame holds key {fkey.hex()}, expected {key.hex()}")
-    names = {v: k for k, v in KINDS.items()}
-    dtypes = list(DTYPES)
-    found = (names.get(kind), dtypes[dtype] if dtype < len(dtypes) else None, tuple(shape[:ndim]))
+    dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else None
+    found = (_KIND_NAMES.get(kind), dtype_name, tuple(shape[:ndim]))
     if found != (layout.kind, layout.dtype, tuple(layout.shape)) or raw_len != layout.nbytes:
         raise LayoutMismatch(f"frame holds {found}, expected {layout}")
     dst = out.reshape(-1).view(torch.uint8)

@@ -40,8 +40,7 @@ class _PendingLoad:
     chunks: list[Chunk]
     device_len: int
     hit_len: int
-    protected: list[bytes] = field(default_factory=list)
-    protected_in: list[str] = field(default_factory=list)
+    protected_in: list[str] = field(default_factory=list)  # tier of each protected chunk; [] once released
     slots: Optional[torch.Tensor] = None  # set once loaded
 
 
@@ -67,14 +66,15 @@ class LMCacheRadixCache(UnifiedRadixCache):
         if pending is not None and pending.slots is not None:
             return result  # loaded already; the slots reach the request through prefix_device_indices
         device_len = result.device_prefix_len
-        hit = self._tier_hit(key, device_len)
+        chunks = self._chunks(key)
+        hit = self._tier_hit(chunks, len(key), device_len)
         if pending is not None and (pending.device_len, pending.hit_len) != (device_len, hit):
             self._forget(req.rid)
             pending = None
         if hit <= device_len:
             return result
         if pending is None:
-            pending = self._protect(key, device_len, hit)
+            pending = self._protect(chunks, device_len, hit)
             if pending is None:
                 return result
             self._pending[req.rid] = pending
@@ -89,25 +89,28 @@ class LMCacheRadixCache(UnifiedRadixCache):
         seed = self.engine.seed(key.extra_key, key.cache_salt)
         return self.engine.chunks(seed, _token_array(key.token_ids))
 
-    def _tier_hit(self, key, device_len: int) -> int:
+    def _tier_hit(self, chunks: list[Chunk], limit: int, device_len: int) -> int:
         """Page-aligned prefix length (within the key's limit) that device + tiers cover."""
-        hit = min(self.engine.hit_length(self._chunks(key), known=device_len), len(key))
+        hit = min(self.engine.hit_length(chunks, known=device_len), limit)
         return hit - hit % self.page_size
 
-    def _protect(self, key, device_len: int, hit: int) -> Optional[_PendingLoad]:
-        chunks = [c for c in self._chunks(key) if c.end > device_len and c.start < hit]
-        keys = [c.key for c in chunks]
+    def _protect(self, chunks: list[Chunk], device_len: int, hit: int) -> Optional[_PendingLoad]:
+        needed = [c for c in chunks if c.end > device_len and c.start < hit]
+        keys = [c.key for c in needed]
         tiers = self.engine.stack.protect(keys)
         if len(tiers) < len(keys):  # a chunk vanished since the lookup
             self.engine.stack.unprotect(keys, tiers)
             return None
-        return _PendingLoad(chunks, device_len, hit, keys, tiers)
+        return _PendingLoad(needed, device_len, hit, tiers)
+
+    def _unprotect(self, pending: _PendingLoad) -> None:
+        self.engine.stack.unprotect([c.key for c in pending.chunks], pending.protected_in)
+        pending.protected_in = []
 
     def _forget(self, rid: str) -> None:
         pending = self._pending.pop(rid, None)
-        if pending is not None and pending.protected:
-            self.engine.stack.unprotect(pending.protected, pending.protected_in)
-            pending.protected = []
+        if pending is not None:
+            self._unprotect(pending)
 
     # ---- load --------------------------------------------------------------------
     def init_load_back(self, params: InitLoadBackParams):
@@ -123,8 +126,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         slots = allocator.alloc(count)
         allocated = time.perf_counter()
         loaded = slots is not None and self.engine.load(pending.chunks, pending.device_len, slots)
-        self.engine.stack.unprotect(pending.protected, pending.protected_in)
-        pending.protected = []
+        self._unprotect(pending)
         if not loaded:
             if slots is not None:
                 allocator.free(slots)
