@@ -158,12 +158,12 @@ class CacheEngine:
             if any(data is None for data in datas):
                 self.failed_loads += 1
                 return False
+            pieces = []
             for c, data in zip(wanted, datas):
                 lo, hi = max(c.start, begin), min(c.end, end)
                 src = data.view(len(self.pool.buffers), c.end - c.start, -1)
-                if (lo, hi) != (c.start, c.end):
-                    src = src[:, lo - c.start : hi - c.start].contiguous()
-                self._scatter(slots[lo - begin : hi - begin], src)
+                pieces.append(src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous())
+            self._scatter(slots, pieces)
             self.loaded_chunks += len(wanted)
             return True
         finally:
@@ -186,14 +186,19 @@ class CacheEngine:
             ops.gather(self.pool.buffers, slots.to(device), staging)
             out.copy_(staging)  # synchronous: the slots may be reused as soon as we return
 
-    def _scatter(self, slots: torch.Tensor, src: torch.Tensor) -> None:
+    def _scatter(self, slots: torch.Tensor, pieces: Sequence[torch.Tensor]) -> None:
+        """Write the chunk buffers `pieces`, one after another, into `slots` (distinct)."""
         device = self.pool.buffers[0].device
         if device.type == "cpu":
-            ops.scatter(self.pool.buffers, slots, src)
+            ops.scatter_many(self.pool.buffers, slots, pieces)
             return
         with self._on_device():
-            ops.scatter(self.pool.buffers, slots.to(device), src.to(device))
-            torch.cuda.current_stream(device).synchronize()  # the slab is released after we return
+            slots, start = slots.to(device), 0
+            for src in pieces:
+                count = src.shape[1]
+                ops.scatter(self.pool.buffers, slots[start : start + count], src.to(device))
+                start += count
+            torch.cuda.current_stream(device).synchronize()  # the slabs are released after we return
 
     def clear(self) -> None:
         """Drop every stored chunk from every tier."""

@@ -35,6 +35,8 @@ def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
 
 try:
     _CPU: Optional[ctypes.CDLL] = _load("_kernels_cpu", "lmcsgl_", [])
+    _CPU.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    _CPU.lmcsgl_scatter_rows_batch.restype = ctypes.c_int
 except (OSError, AttributeError) as e:
     _CPU = None
     logger.warning("compiled kernels unavailable (%s); using the slower torch reference "
@@ -81,9 +83,8 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
-                flat: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Validates a gather/scatter; returns (int64 slots on the pool's device, row_bytes)."""
+def _check_pool(buffers: Sequence[torch.Tensor]) -> int:
+    """Validates the pool buffers; returns row_bytes."""
     if len(buffers) == 0 or buffers[0].dim() < 1:
         raise ValueError("need at least one pool buffer with a slot dimension")
     b0 = buffers[0]
@@ -93,20 +94,36 @@ def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
                              f"{b0.dtype}{tuple(b0.shape)}@{b0.device}")
         if not b.is_contiguous():
             raise ValueError("pool buffers must be contiguous")
-    if flat.device != b0.device or not flat.is_contiguous():
-        raise ValueError(f"the chunk buffer must be contiguous and on {b0.device}")
+    return math.prod(b0.shape[1:]) * b0.element_size()
+
+
+def _check_slots(slots: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Validates slots against the pool; returns them as int64 on the pool's device."""
     if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be 1-D int32/int64, got {slots.dtype}{tuple(slots.shape)}")
-    slots = slots.to(device=b0.device, dtype=torch.int64).contiguous()
-    row_bytes = math.prod(b0.shape[1:]) * b0.element_size()
-    need = len(buffers) * slots.numel() * row_bytes
-    if _nbytes(flat) != need:
-        raise ValueError(f"the chunk buffer has {_nbytes(flat)} bytes, expected {need} = {len(buffers)} "
-                         f"buffers x {slots.numel()} slots x {row_bytes} bytes per row")
+    slots = slots.to(device=pool.device, dtype=torch.int64).contiguous()
     if slots.numel():
         lo, hi = torch.stack(torch.aminmax(slots)).tolist()
-        if lo < 0 or hi >= b0.shape[0]:
-            raise IndexError(f"slots must lie in [0, {b0.shape[0]}), got min {lo} max {hi}")
+        if lo < 0 or hi >= pool.shape[0]:
+            raise IndexError(f"slots must lie in [0, {pool.shape[0]}), got min {lo} max {hi}")
+    return slots
+
+
+def _check_flat(flat: torch.Tensor, buffers: Sequence[torch.Tensor], num_slots: int, row_bytes: int) -> None:
+    if flat.device != buffers[0].device or not flat.is_contiguous():
+        raise ValueError(f"the chunk buffer must be contiguous and on {buffers[0].device}")
+    need = len(buffers) * num_slots * row_bytes
+    if _nbytes(flat) != need:
+        raise ValueError(f"the chunk buffer has {_nbytes(flat)} bytes, expected {need} = {len(buffers)} "
+                         f"buffers x {num_slots} slots x {row_bytes} bytes per row")
+
+
+def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
+                flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Validates a gather/scatter; returns (int64 slots on the pool's device, row_bytes)."""
+    row_bytes = _check_pool(buffers)
+    slots = _check_slots(slots, buffers[0])
+    _check_flat(flat, buffers, slots.numel(), row_bytes)
     return slots, row_bytes
 
 
@@ -186,6 +203,31 @@ def scatter(buffers: Sequence[torch.Tensor], slots: torch.Tensor, src: torch.Ten
     """
     if not _rows("scatter_rows", buffers, slots, src):
         reference_scatter(buffers, slots, src)
+
+
+def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+    """scatter() of several chunk buffers in one call: srcs[p] ([B, n_p, row] bytes) goes to
+    the next n_p slots. Slots must be distinct (ValueError otherwise). On the CPU the pieces
+    share the kernel's threads; elsewhere they are scattered one by one."""
+    row_bytes = _check_pool(buffers)
+    slots = _check_slots(slots, buffers[0])
+    per_slot = len(buffers) * row_bytes
+    counts = [_nbytes(src) // per_slot if per_slot else 0 for src in srcs]
+    if sum(counts) != slots.numel():
+        raise ValueError(f"{len(srcs)} chunk buffers hold {sum(counts)} slots, expected {slots.numel()}")
+    if torch.unique(slots).numel() != slots.numel():
+        raise ValueError("scatter_many needs distinct slots")
+    offsets = [0]
+    for src, n in zip(srcs, counts):
+        _check_flat(src, buffers, n, row_bytes)
+        offsets.append(offsets[-1] + n)
+    if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and row_bytes):
+        for p, src in enumerate(srcs):
+            scatter(buffers, slots[offsets[p] : offsets[p + 1]], src)
+        return
+    ptrs = tuple(b.data_ptr() for b in buffers)
+    _call(_CPU, "scatter_rows_batch", None, (_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
+          (_I * len(offsets))(*offsets), len(srcs), (_P * len(srcs))(*(src.data_ptr() for src in srcs)))
 
 
 def _check_shuffle(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> int:

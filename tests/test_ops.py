@@ -133,6 +133,54 @@ def test_large_calls_match(pattern: str) -> None:
         assert_same_bits(a, b)
 
 
+def split_scatter_case(buffers, slots, gen, cuts):
+    """Distinct slots, random chunk buffers, and their split into pieces at `cuts`."""
+    slots = slots[torch.randperm(len(slots), generator=gen)]
+    bounds = sorted({0, len(slots), *(c % (len(slots) + 1) for c in cuts)})
+    row = buffers[0][0].numel()
+    srcs = [random_bytes((len(buffers), hi - lo, row), buffers[0].dtype, gen) for lo, hi in zip(bounds, bounds[1:])]
+    return slots, bounds, srcs
+
+
+@settings(max_examples=150, deadline=None)
+@given(pools(), st.lists(st.integers(0, 100), max_size=6))
+def test_scatter_many_equals_scatters_one_by_one(case, cuts) -> None:
+    buffers, slots, gen = case
+    slots, bounds, srcs = split_scatter_case(buffers, torch.unique(slots), gen, cuts)
+    mine, ref = [b.clone() for b in buffers], [b.clone() for b in buffers]
+    ops.scatter_many(mine, slots, srcs)
+    for lo, hi, src in zip(bounds, bounds[1:], srcs):
+        ops.reference_scatter(ref, slots[lo:hi], src)
+    for a, b in zip(mine, ref):
+        assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("cuts", [[256 * k for k in range(1, 8)], [1, 2, 1000, 1001, 1500]])
+def test_scatter_many_large_threaded(cuts) -> None:
+    """Over 8 MiB: pieces shared among threads, a thread's range starting mid-piece."""
+    gen = torch.Generator().manual_seed(3)
+    buffers = [random_bytes((4096, 4, 64), torch.bfloat16, gen) for _ in range(16)]
+    slots, bounds, srcs = split_scatter_case(buffers, torch.randperm(4096, generator=gen)[:2047], gen, cuts)
+    mine, ref = [b.clone() for b in buffers], [b.clone() for b in buffers]
+    ops.scatter_many(mine, slots, srcs)
+    for lo, hi, src in zip(bounds, bounds[1:], srcs):
+        ops.reference_scatter(ref, slots[lo:hi], src)
+    for a, b in zip(mine, ref):
+        assert_same_bits(a, b)
+
+
+def test_scatter_many_refuses_bad_input() -> None:
+    buffers = [torch.zeros(8, 2, 4, dtype=torch.bfloat16) for _ in range(2)]
+    src = torch.zeros(2, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="distinct"):
+        ops.scatter_many(buffers, torch.tensor([3, 3]), [src])
+    with pytest.raises(ValueError, match="hold 2 slots, expected 3"):
+        ops.scatter_many(buffers, torch.tensor([1, 2, 3]), [src])
+    with pytest.raises(IndexError):
+        ops.scatter_many(buffers, torch.tensor([1, 8]), [src])
+    assert not any(b.any() for b in buffers)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     n=st.integers(0, 5000),

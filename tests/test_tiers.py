@@ -35,6 +35,18 @@ def test_cpu_tier_lru_and_capacity():
     assert sorted(cpu.keys()) == sorted([key(0), key(2), key(3)])
 
 
+def test_cpu_arena_population_keeps_bytes():
+    """Faulting the arena in ahead of use runs concurrently with stores: it must not write."""
+    from lmcache_sgl.storage.cpu import _populate
+
+    data = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    arena = torch.empty_like(data)
+    arena[: 3 << 20].copy_(data[: 3 << 20])  # some pages written, the rest untouched
+    _populate(arena, step=1 << 20)
+    arena[3 << 20 :].copy_(data[3 << 20 :])
+    assert torch.equal(arena, data)
+
+
 def test_cpu_tier_pins_block_eviction_and_layout_is_checked():
     cpu = CpuTier(2000, 1000)
     cpu.store(key(0), LAYOUT, fill_with(0))

@@ -311,6 +311,43 @@ LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t 
   return LMCSGL_OK;
 }
 
+LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                         const int64_t* slots, const int64_t* offsets,
+                                         int64_t num_pieces, const void* const* srcs) {
+  if (num_pieces < 0 || (num_pieces > 0 && (offsets == nullptr || offsets[0] != 0)))
+    return LMCSGL_ERR_INVALID;
+  for (int64_t p = 0; p < num_pieces; ++p)
+    if (offsets[p + 1] < offsets[p]) return LMCSGL_ERR_INVALID;
+  const int64_t num_slots = num_pieces > 0 ? offsets[num_pieces] : 0;
+  if (!valid_rows(num_bufs, row_bytes, num_slots)) return LMCSGL_ERR_INVALID;
+  if (num_bufs == 0 || num_slots == 0 || row_bytes == 0) return LMCSGL_OK;
+  if (bufs == nullptr || slots == nullptr || srcs == nullptr) return LMCSGL_ERR_INVALID;
+  for (int64_t p = 0; p < num_pieces; ++p)
+    if (srcs[p] == nullptr && offsets[p + 1] > offsets[p]) return LMCSGL_ERR_INVALID;
+  try {
+    if (has_repeats(slots, num_slots)) return LMCSGL_ERR_INVALID;
+  } catch (const std::bad_alloc&) {
+    return LMCSGL_ERR_NOMEM;
+  }
+  const int64_t bytes = num_bufs * num_slots * row_bytes;
+  const bool nt = use_streaming(bufs, num_bufs, row_bytes, bytes);
+  // The rows of all pieces, piece after piece, each in its (b, n) order; piece p's rows
+  // are [num_bufs * offsets[p], num_bufs * offsets[p + 1]). Distinct slots: any order is right.
+  parallel_for(num_bufs * num_slots, plan_threads(num_bufs * num_slots, bytes),
+               [&](int64_t lo, int64_t hi) {
+    for (int64_t p = 0; p < num_pieces && lo < hi; ++p) {
+      const int64_t first = num_bufs * offsets[p], last = num_bufs * offsets[p + 1];
+      if (last <= lo) continue;
+      const RowJob job{bufs, row_bytes, slots + offsets[p], offsets[p + 1] - offsets[p],
+                       static_cast<char*>(const_cast<void*>(srcs[p])), true};
+      const int64_t end = std::min(hi, last);
+      move_rows_any<true>(job, nt, lo - first, end - first);
+      lo = end;
+    }
+  });
+  return LMCSGL_OK;
+}
+
 LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size) {
   return shuffle_impl<false>(src, dst, nbytes, elem_size);
 }

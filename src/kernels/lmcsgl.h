@@ -40,6 +40,13 @@ LMCSGL_API int lmcsgl_gather_rows(const void* const* bufs, int64_t num_bufs, int
 LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
                                    const int64_t* slots, int64_t num_slots, const void* src);
 
+// Several scatters as one call, sharing its threads: piece p writes srcs[p], a flat
+// [B, n_p, row] buffer, to slots[offsets[p] .. offsets[p + 1]) (offsets[0] == 0,
+// non-decreasing). Slots must be distinct over all pieces (LMCSGL_ERR_INVALID otherwise).
+LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
+                                         const int64_t* slots, const int64_t* offsets,
+                                         int64_t num_pieces, const void* const* srcs);
+
 // Byte-plane shuffle, n = nbytes / elem_size: dst[j * n + i] = src[i * elem_size + j].
 // nbytes must be a multiple of elem_size >= 1; src and dst must not overlap.
 LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
