@@ -6,8 +6,10 @@ evicts the first one from SGLang's radix tree. Phases, each a /generate of one t
 
   ours (--enable-lmcache; CPU and disk tiers)
     cold          prompt A, nothing cached
-    device hit    A again (SGLang's radix tree), median of 3
-    CPU-tier hit  A after other prompts filled the pool and pushed A out, median of 3
+    device hit    A again (SGLang's radix tree): 3 times after cold, and once right after
+                  each CPU-tier and disk-tier hit (which put A back in the tree), so the
+                  hits compared were measured side by side; median of all
+    CPU-tier hit  A after other prompts filled the pool and pushed A out, median of 5
     disk-tier hit A after a server restart (CPU tier empty)
   baseline (stock SGLang, same pool): A cold, then A after the same eviction (recomputed)
   stock backend (no lmcache, SGLang's unmodified CPU extend attention): cold, device hit
@@ -72,7 +74,7 @@ def start(model: str, args: list[str], workdir: str, name: str, env: dict | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one sample per phase (finishes in under 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one cold prefill and one disk-tier hit instead of 3 (finishes in under 10 minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--model-dir", default=None, help="default: the built-in small model (built if missing)")
@@ -82,15 +84,16 @@ def main() -> None:
     model = opts.model_dir or str(make_model(default_model_dir("small", 0), "small", 0))
     n = opts.prompt_tokens
     samples = 1 if opts.quick else 3  # cold prefills and disk hits (each needs a fresh prompt or server)
-    repeats = 3  # device hits, and CPU-tier hits (each after a fresh eviction)
+    repeats = 3  # device hits right after the cold prefill
+    cpu_repeats = 5  # CPU-tier hits, each after a fresh eviction
     rng = random.Random(0)
     vocab = 4000
     prompt = lambda length=n: [rng.randrange(10, vocab) for _ in range(length)]  # noqa: E731
     targets = [prompt() for _ in range(samples)]  # the prompts whose TTFT we follow
     # Evictors: half-prompts filling the whole device pool, so nothing of a target stays.
     pool_tokens = n + n // 2
-    evict_sets = [[prompt(n // 2) for _ in range(3)] for _ in range(repeats)]
-    distinct = [[prompt(2048) for _ in range(6)] for _ in range(2)]
+    evict_sets = [[prompt(n // 2) for _ in range(3)] for _ in range(cpu_repeats)]
+    distinct = [[prompt(2048) for _ in range(6)] for _ in range(4)]
     pool_args = ["--max-total-tokens", str(pool_tokens)]
 
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -118,19 +121,21 @@ def main() -> None:
             record("cold", ours, a)
             for _ in range(repeats):
                 record("device_hit", ours, a)
-            for k in range(repeats):
+            for k in range(cpu_repeats):
                 evict("evict", ours, k)
                 record("cpu_hit", ours, a)
+                record("device_hit", ours, a)  # A is in the tree again: a device hit right next to it
         base = start(model, pool_args, workdir, "baseline")
         for a in targets:
             record("baseline_cold", base, a)
             evict("baseline_evict", base, 0)
             record("baseline_revisit", base, a)
         # No reuse: the same all-distinct workloads on both live servers (idle ones sleep),
-        # in the order ours, base, base, ours, so a drift of this machine's speed cancels.
+        # in the order ours, base, base, ours, base, ours, ours, base, so a drift of this
+        # machine's speed cancels.
         rates = {"ours": [], "base": []}
         for i, prompts in enumerate(distinct):
-            order = [("ours", ours), ("base", base)][:: 1 if i % 2 == 0 else -1]
+            order = [("ours", ours), ("base", base)][:: 1 if i in (0, 3) else -1]
             for name, server in order:
                 rates[name].append(throughput(server, prompts, 16))
         base.stop()
@@ -139,6 +144,7 @@ def main() -> None:
         for i in range(samples):
             ours = start(model, ours_args, workdir, f"ours-restarted-{i}")
             record("disk_hit", ours, targets[i])
+            record("device_hit", ours, targets[i])
             ours.stop()
 
         stock = start(model, pool_args, workdir, "stock-backend", env={"LMCACHE_SGL_CPU_EXTEND": "0"})
@@ -173,7 +179,7 @@ def main() -> None:
         "cold_vs_stock_backend_cold": med["cold"] / med["stock_backend_cold"],
         "baseline_revisit_vs_cold": med["baseline_revisit"] / med["cold"],
         "noreuse_throughput_per_round": {k: [round(x) for x in v] for k, v in rates.items()},
-        "samples": {k: len(v) for k, v in phases.items() if not k.endswith("evict")},
+        "samples_s": {k: [round(x, 4) for x in v] for k, v in phases.items() if not k.endswith("evict")},
     }
     if opts.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
