@@ -142,17 +142,21 @@ def split_scatter_case(buffers, slots, gen, cuts):
     return slots, bounds, srcs
 
 
-@settings(max_examples=150, deadline=None)
-@given(pools(), st.lists(st.integers(0, 100), max_size=6))
-def test_scatter_many_equals_scatters_one_by_one(case, cuts) -> None:
-    buffers, slots, gen = case
-    slots, bounds, srcs = split_scatter_case(buffers, torch.unique(slots), gen, cuts)
+def assert_scatter_many_matches(buffers, slots, bounds, srcs) -> None:
+    """scatter_many equals the reference scattering the pieces one by one."""
     mine, ref = [b.clone() for b in buffers], [b.clone() for b in buffers]
     ops.scatter_many(mine, slots, srcs)
     for lo, hi, src in zip(bounds, bounds[1:], srcs):
         ops.reference_scatter(ref, slots[lo:hi], src)
     for a, b in zip(mine, ref):
         assert_same_bits(a, b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pools(), st.lists(st.integers(0, 100), max_size=6))
+def test_scatter_many_equals_scatters_one_by_one(case, cuts) -> None:
+    buffers, slots, gen = case
+    assert_scatter_many_matches(buffers, *split_scatter_case(buffers, torch.unique(slots), gen, cuts))
 
 
 @pytest.mark.parametrize("cuts", [[256 * k for k in range(1, 8)], [1, 2, 1000, 1001, 1500]])
@@ -160,13 +164,7 @@ def test_scatter_many_large_threaded(cuts) -> None:
     """Over 8 MiB: pieces shared among threads, a thread's range starting mid-piece."""
     gen = torch.Generator().manual_seed(3)
     buffers = [random_bytes((4096, 4, 64), torch.bfloat16, gen) for _ in range(16)]
-    slots, bounds, srcs = split_scatter_case(buffers, torch.randperm(4096, generator=gen)[:2047], gen, cuts)
-    mine, ref = [b.clone() for b in buffers], [b.clone() for b in buffers]
-    ops.scatter_many(mine, slots, srcs)
-    for lo, hi, src in zip(bounds, bounds[1:], srcs):
-        ops.reference_scatter(ref, slots[lo:hi], src)
-    for a, b in zip(mine, ref):
-        assert_same_bits(a, b)
+    assert_scatter_many_matches(buffers, *split_scatter_case(buffers, torch.randperm(4096, generator=gen)[:2047], gen, cuts))
 
 
 def test_scatter_many_refuses_bad_input() -> None:
