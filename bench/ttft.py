@@ -10,11 +10,12 @@ evicts the first one from SGLang's radix tree. Phases, each a /generate of one t
                   each CPU-tier and disk-tier hit (which put A back in the tree), so the
                   hits compared were measured side by side; median of all
     CPU-tier hit  A after other prompts filled the pool and pushed A out, median of 5
-    disk-tier hit A after a server restart (CPU tier empty)
+    disk-tier hit A after a server restart (CPU tier empty); 2 restarts with --quick, else 3
   baseline (stock SGLang, same pool): A cold, then A after the same eviction (recomputed)
   stock backend (no lmcache, SGLang's unmodified CPU extend attention): cold, device hit
-  no reuse: all-distinct prompts, concurrently, on ours and on the baseline: the
-    throughput ratio shows what spilling costs when nothing is reused.
+  no reuse: all-distinct prompts, concurrently, on ours and on the baseline, 4 rounds
+    each in ABBA order: the throughput ratio shows what storing costs when nothing is
+    reused.
 
 On a CPU-only machine every server runs in CPU development mode, ours and the baseline
 with the new-tokens-only extend attention; the stock-backend figures show its effect.
@@ -74,7 +75,7 @@ def start(model: str, args: list[str], workdir: str, name: str, env: dict | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one cold prefill and one disk-tier hit instead of 3 (finishes in under 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one cold prefill and two disk-tier hits instead of 3 each (finishes in under 10 minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--model-dir", default=None, help="default: the built-in small model (built if missing)")
@@ -83,7 +84,8 @@ def main() -> None:
 
     model = opts.model_dir or str(make_model(default_model_dir("small", 0), "small", 0))
     n = opts.prompt_tokens
-    samples = 1 if opts.quick else 3  # cold prefills and disk hits (each needs a fresh prompt or server)
+    samples = 1 if opts.quick else 3  # cold prefills (each needs a fresh prompt)
+    restarts = 2 if opts.quick else 3  # disk-tier hits (each needs a fresh server)
     repeats = 3  # device hits right after the cold prefill
     cpu_repeats = 5  # CPU-tier hits, each after a fresh eviction
     rng = random.Random(0)
@@ -137,14 +139,17 @@ def main() -> None:
         for i, prompts in enumerate(distinct):
             order = [("ours", ours), ("base", base)][:: 1 if i in (0, 3) else -1]
             for name, server in order:
+                # Ours writes to disk while idle: let that settle first, so it never runs
+                # during the baseline's round.
+                wait_for_files(os.path.join(workdir, "disk"))
                 rates[name].append(throughput(server, prompts, 16))
         base.stop()
         wait_for_files(os.path.join(workdir, "disk"))  # let the idle server finish its disk writes
         ours.stop()
-        for i in range(samples):
+        for i in range(restarts):
             ours = start(model, ours_args, workdir, f"ours-restarted-{i}")
-            record("disk_hit", ours, targets[i])
-            record("device_hit", ours, targets[i])
+            record("disk_hit", ours, targets[i % samples])
+            record("device_hit", ours, targets[i % samples])
             ours.stop()
 
         stock = start(model, pool_args, workdir, "stock-backend", env={"LMCACHE_SGL_CPU_EXTEND": "0"})
