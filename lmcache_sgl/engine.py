@@ -22,7 +22,7 @@ import torch
 from . import ops
 from .codec import ChunkLayout
 from .config import LMCacheConfig
-from .keys import Namespace, chunk_keys
+from .keys import Namespace, chunk_keys, chunk_spans
 from .storage import CpuTier, DiskTier, TierStack
 
 log = logging.getLogger("lmcache_sgl")
@@ -124,8 +124,8 @@ class CacheEngine:
         when `partial` (default: the config's save_unfull_chunk)."""
         partial = self.config.save_unfull_chunk if partial is None else partial
         keys = chunk_keys(seed, tokens, self.chunk_size, partial=partial)
-        size = self.chunk_size
-        return [Chunk(k, i * size, min((i + 1) * size, len(tokens))) for i, k in enumerate(keys)]
+        spans = chunk_spans(len(tokens), self.chunk_size, partial=partial)
+        return [Chunk(key, start, end) for key, (start, end) in zip(keys, spans)]
 
     def hit_length(self, chunks: Sequence[Chunk], known: int = 0) -> int:
         """Tokens from 0 covered by present chunks, trusting the first `known` tokens
