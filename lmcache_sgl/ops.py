@@ -215,19 +215,25 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
     counts = [_nbytes(src) // per_slot if per_slot else 0 for src in srcs]
     if sum(counts) != slots.numel():
         raise ValueError(f"{len(srcs)} chunk buffers hold {sum(counts)} slots, expected {slots.numel()}")
-    if torch.unique(slots).numel() != slots.numel():
-        raise ValueError("scatter_many needs distinct slots")
     offsets = [0]
     for src, n in zip(srcs, counts):
         _check_flat(src, buffers, n, row_bytes)
         offsets.append(offsets[-1] + n)
+    distinct = "scatter_many needs distinct slots"
     if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and row_bytes):
+        if torch.unique(slots).numel() != slots.numel():
+            raise ValueError(distinct)
         for p, src in enumerate(srcs):
             scatter(buffers, slots[offsets[p] : offsets[p + 1]], src)
         return
     ptrs = tuple(b.data_ptr() for b in buffers)
-    _call(_CPU, "scatter_rows_batch", None, (_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
-          (_I * len(offsets))(*offsets), len(srcs), (_P * len(srcs))(*(src.data_ptr() for src in srcs)))
+    rc = _CPU.lmcsgl_scatter_rows_batch((_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
+                                        (_I * len(offsets))(*offsets), len(srcs),
+                                        (_P * len(srcs))(*(src.data_ptr() for src in srcs)))
+    if rc == 1:  # the kernel checks distinctness (every other argument was checked here)
+        raise ValueError(distinct)
+    if rc != 0:
+        raise RuntimeError(f"lmcache_sgl kernel scatter_rows_batch failed: {_CPU_ERRORS.get(rc, '?')} (code {rc})")
 
 
 def _check_shuffle(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> int:
