@@ -42,6 +42,7 @@ class DiskTier:
         """gate: when given, writes wait until it is set (the host is idle), unless the
         queue is half full or a flush is waiting."""
         self.gate = gate
+        self._open_since: float | None = None  # when the writer first saw the gate open
         self._flushing = threading.Event()
         self.path = path
         self.capacity_bytes = capacity_bytes
@@ -161,15 +162,22 @@ class DiskTier:
             self._flushing.clear()
 
     def _wait_for_turn(self) -> None:
-        """Return when the gate has stayed open for IDLE_SETTLE_S (a gap between two
-        back-to-back requests is not idleness), or a flush or a half-full queue says go."""
+        """Return once the gate has been seen open for IDLE_SETTLE_S without closing (a gap
+        between two back-to-back requests is not idleness), or a flush or a half-full queue
+        says go. While it stays open, the queued writes then follow each other at once."""
         if self.gate is None:
             return
         while not (self._flushing.is_set() or self._queue.qsize() >= self._queue.maxsize // 2):
-            if self.gate.wait(0.05):
-                time.sleep(IDLE_SETTLE_S)
-                if self.gate.is_set():
-                    return
+            if not self.gate.is_set():
+                self._open_since = None
+                self.gate.wait(0.05)
+                continue
+            now = time.monotonic()
+            if self._open_since is None:
+                self._open_since = now
+            if now - self._open_since >= IDLE_SETTLE_S:
+                return
+            time.sleep(min(0.05, self._open_since + IDLE_SETTLE_S - now))
 
     def close(self) -> None:
         self.flush()
