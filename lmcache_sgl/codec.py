@@ -172,8 +172,10 @@ def frame_bytes(parts: Sequence) -> bytes:
     return b"".join(parts)
 
 
-def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> None:
-    """Verify `frame` against `key` and `layout`, then write its chunk into `out`.
+def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
+    """Verify `frame` against `key` and `layout`, then write its chunk into `out`, its zstd
+    blocks decoded on every core when `parallel`, else on this thread (for callers that
+    decode several frames at once, one per core).
 
     `out` is a contiguous CPU tensor of layout.nbytes bytes. Raises a FrameError subclass
     (and leaves `out` unspecified) if the frame is cut, corrupt, or for another chunk.
@@ -216,4 +218,5 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> No
             target.copy_(_as_bytes_tensor(block))
         return
     elem = layout.itemsize
-    list(_workers().map(lambda bt: _decompress_block(bt[0], elem, bt[1]), zip(blocks, targets)))
+    runner = _workers().map if parallel else map
+    list(runner(lambda bt: _decompress_block(bt[0], elem, bt[1]), zip(blocks, targets)))

@@ -240,8 +240,9 @@ class DiskTier:
         self.stats.bytes_stored += size
 
     # ---- reads -------------------------------------------------------------------
-    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor) -> bool:
-        """Read and verify the chunk into `out`; False on a miss or a bad frame."""
+    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
+        """Read and verify the chunk into `out`; False on a miss or a bad frame. `parallel`:
+        see codec.decode_into."""
         with self._lock:
             hit = key in self._index
             if hit:
@@ -253,7 +254,7 @@ class DiskTier:
             with open(self._file(key), "rb", buffering=0) as f:
                 frame = bytearray(os.fstat(f.fileno()).st_size)
                 f.readinto(frame)
-            decode_into(frame, key, layout, out)
+            decode_into(frame, key, layout, out, parallel=parallel)
         except (OSError, FrameError) as e:
             self._drop(key)
             self.stats.misses += 1
