@@ -214,16 +214,3 @@ def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0,
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-
-def num_parameters(path: str | os.PathLike) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
-        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

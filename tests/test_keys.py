@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lmcache_sgl.keys import KEY_BYTES, Namespace, chunk_keys, chunk_spans, model_fingerprint
