@@ -114,24 +114,36 @@ class TierStackMachine(RuleBasedStateMachine):
         keys = self.stack.disk.keys()
         return (keys[i % len(keys)], os.path.join(self.dir, keys[i % len(keys)].hex() + ".lmsg")) if keys else (None, None)
 
+    # The writer may evict a file at any moment: damage it in place, never re-create it
+    # (a re-created file would be one the tier no longer counts).
     @rule(i=st.integers(0, 100), pos=st.integers(0, 10_000))
     def corrupt_a_file(self, i, pos):
         k, path = self._some_file(i)
-        if k is None or not os.path.exists(path):
+        if k is None:
             return
-        data = bytearray(open(path, "rb").read())
-        if not data:
+        try:
+            with open(path, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if not size:
+                    return
+                f.seek(pos % size)
+                byte = f.read(1)[0]
+                f.seek(pos % size)
+                f.write(bytes([byte ^ 0x40]))
+        except FileNotFoundError:  # just evicted
             return
-        data[pos % len(data)] ^= 0x40
-        open(path, "wb").write(bytes(data))
         self.damaged.add(k)
 
     @rule(i=st.integers(0, 100), cut=st.integers(0, 10_000))
     def truncate_a_file(self, i, cut):
         k, path = self._some_file(i)
-        if k is None or not os.path.exists(path):
+        if k is None:
             return
-        os.truncate(path, cut % max(os.path.getsize(path), 1))
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(cut % max(os.fstat(f.fileno()).st_size, 1))
+        except FileNotFoundError:
+            return
         self.damaged.add(k)
 
     @rule(full=st.booleans())
