@@ -10,6 +10,7 @@ exact tokens that precede it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import weakref
@@ -94,10 +95,11 @@ def build_tier_stack(config: LMCacheConfig, slab_bytes: int, idle: threading.Eve
 class CacheEngine:
     def __init__(
         self, config: LMCacheConfig, pool: KVPoolView, model_id: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        stack: TierStack | None = None, device_stream=None,
+        kv_dtype: str | None = None, stack: TierStack | None = None, device_stream=None,
     ) -> None:
-        """device_stream: the stream SGLang's forward runs on (GPU pools); pool reads and
-        writes are ordered on it."""
+        """kv_dtype: the logical KV dtype (SGLang's --kv-cache-dtype; fp8 formats are
+        stored as uint8), default the pool's storage dtype. device_stream: the stream
+        SGLang's forward runs on (GPU pools); pool reads and writes are ordered on it."""
         self.config = config
         self.device_stream = device_stream
         self.idle = threading.Event()  # set while the server has nothing to run (mark_idle)
@@ -105,11 +107,17 @@ class CacheEngine:
         self.pool = pool
         self.chunk_size = config.chunk_size
         self.stack = stack or build_tier_stack(config, pool.layout(config.chunk_size).nbytes, self.idle)
-        self._namespace = Namespace(model_id, pool.dtype, pool.describe(), tp_rank, tp_size)
+        self._namespace = Namespace(model_id, kv_dtype or pool.dtype, pool.describe(), tp_rank, tp_size)
         self._seeds: dict[tuple[str | None, str | None], bytes] = {}
         self.loaded_chunks = 0
         self.stored_chunks = 0
         self.failed_loads = 0
+
+    def set_model(self, model_id: bytes) -> None:
+        """The model's weights changed (e.g. a weight update): from now on keys live in the
+        namespace of `model_id`, so nothing stored under the old weights is found again."""
+        self._namespace = dataclasses.replace(self._namespace, model=model_id)
+        self._seeds.clear()
 
     def seed(self, extra_key: str | None = None, cache_salt: str | None = None) -> bytes:
         """Namespace digest for one (extra_key, cache_salt) pair; keys never cross namespaces."""
