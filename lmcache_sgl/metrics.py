@@ -1,0 +1,156 @@
+"""The project's one counter set (CacheMetrics), and its export to Prometheus.
+
+Every series has a fixed name and a fixed label; a name, label or label value not in
+the tables below raises at the call, so a typo cannot create a series. Exported names
+carry the prefix `lmcache_sgl_`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+PREFIX = "lmcache_sgl_"
+TIERS = ("cpu", "disk")
+_REASON = re.compile(r"[a-z][a-z0-9_]*\Z")  # reasons are open-ended, but snake_case
+
+
+@dataclass(frozen=True)
+class Series:
+    kind: str  # "counter", "histogram" or "gauge"
+    label: str | None  # "tier", "reason" or None
+    help: str
+
+
+SERIES: dict[str, Series] = {
+    "lookup_requested_tokens_total": Series("counter", None, "Prompt tokens looked up in the tiers"),
+    "lookup_hit_tokens_total": Series("counter", "tier", "Looked-up tokens found, by the tier holding them"),
+    "loaded_tokens_total": Series("counter", "tier", "Tokens loaded into SGLang's KV pool, by source tier"),
+    "stored_chunks_total": Series("counter", "tier", "Chunks written into a tier"),
+    "load_bytes_total": Series("counter", "tier", "Bytes read from a tier for loads"),
+    "store_bytes_total": Series("counter", "tier", "Bytes written into a tier"),
+    "evicted_chunks_total": Series("counter", "tier", "Chunks evicted from a tier"),
+    "dropped_writes_total": Series("counter", "reason", "Stores given up, by reason"),
+    "failed_loads_total": Series("counter", "reason", "Loads that failed (the request is recomputed), by reason"),
+    "corrupt_frames_total": Series("counter", "tier", "Stored chunks that failed verification and were dropped"),
+    "load_seconds": Series("histogram", None, "Duration of one load into the KV pool"),
+    "store_seconds": Series("histogram", None, "Duration of one store from the KV pool"),
+    "usage_bytes": Series("gauge", "tier", "Bytes a tier holds"),
+    "capacity_bytes": Series("gauge", "tier", "Bytes a tier may hold"),
+}
+# Load and store times run from ~1 ms (a chunk in CPU memory) to seconds (many chunks from disk).
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _check_label(name: str, label: str | None, value: str) -> None:
+    if label == "tier" and value not in TIERS:
+        raise ValueError(f"{name}: tier must be one of {TIERS}, not {value!r}")
+    if label == "reason" and not _REASON.match(value):
+        raise ValueError(f"{name}: reason must be a snake_case word, not {value!r}")
+
+
+def _series(name: str, kind: str) -> Series:
+    series = SERIES.get(name)
+    if series is None or series.kind != kind:
+        known = sorted(n for n, s in SERIES.items() if s.kind == kind)
+        raise KeyError(f"unknown {kind} {name!r}; the {kind}s are {known}")
+    return series
+
+
+class Sink(Protocol):
+    """Receives every increment and observation made after it is attached."""
+
+    def inc(self, name: str, value: float, label: str | None) -> None: ...
+
+    def observe(self, name: str, seconds: float) -> None: ...
+
+
+class CacheMetrics:
+    """The project's one counter set: counters, load/store histograms, tier gauges.
+
+    Thread-safe; increments from several threads are exact. Counters only grow."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[str | None, float]] = {n: {} for n, s in SERIES.items() if s.kind == "counter"}
+        self._histograms: dict[str, list[float]] = {n: [0, 0.0] for n, s in SERIES.items() if s.kind == "histogram"}
+        self._read_gauges: Callable[[], dict[str, dict[str, float]]] | None = None
+        self._sinks: tuple[Sink, ...] = ()
+
+    def inc(self, name: str, value: float = 1, **labels: str) -> None:
+        """Add `value` (>= 0) to counter `name`; its one label, if it has one, is required."""
+        series = _series(name, "counter")
+        expected = {series.label} if series.label else set()
+        if set(labels) != expected:
+            raise TypeError(f"{name} takes the labels {sorted(expected)}, not {sorted(labels)}")
+        label = labels[series.label] if series.label else None
+        if label is not None:
+            _check_label(name, series.label, label)
+        if value < 0:
+            raise ValueError(f"{name}: a counter cannot decrease (got {value})")
+        with self._lock:
+            values = self._counters[name]
+            values[label] = values.get(label, 0) + value
+            sinks = self._sinks
+        for sink in sinks:
+            sink.inc(name, value, label)
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record one duration in histogram `name` (load_seconds, store_seconds)."""
+        _series(name, "histogram")
+        if not seconds >= 0:
+            raise ValueError(f"{name}: a duration must be >= 0 (got {seconds})")
+        with self._lock:
+            histogram = self._histograms[name]
+            histogram[0] += 1
+            histogram[1] += seconds
+            sinks = self._sinks
+        for sink in sinks:
+            sink.observe(name, seconds)
+
+    def set_gauges(self, read: Callable[[], dict[str, dict[str, float]]]) -> None:
+        """Gauge values come from `read()` ({gauge: {tier: value}}), called whenever they are
+        wanted (snapshot, export), possibly from another thread. It is called once now, so
+        a bad name or tier raises here."""
+        self._check_gauges(read())
+        self._read_gauges = read
+
+    def gauges(self) -> dict[str, dict[str, float]]:
+        """The gauges' current values (empty until set_gauges)."""
+        if self._read_gauges is None:
+            return {}
+        values = self._read_gauges()
+        self._check_gauges(values)
+        return values
+
+    @staticmethod
+    def _check_gauges(values: dict[str, dict[str, float]]) -> None:
+        for name, by_tier in values.items():
+            series = _series(name, "gauge")
+            for tier in by_tier:
+                _check_label(name, series.label, tier)
+
+    def snapshot(self) -> dict:
+        """Plain values: an unlabeled counter as a number, a labeled one as {label: value}
+        (labels never incremented are absent), a histogram as {"count", "sum"}, gauges as
+        {tier: value}. E.g. {"lookup_requested_tokens_total": 1024, "loaded_tokens_total":
+        {"cpu": 512}, "load_seconds": {"count": 2, "sum": 0.01}, "usage_bytes": {"cpu": 4096}}."""
+        with self._lock:
+            out: dict = {
+                name: values.get(None, 0) if SERIES[name].label is None else dict(values)
+                for name, values in self._counters.items()
+            }
+            out.update({name: {"count": h[0], "sum": h[1]} for name, h in self._histograms.items()})
+        gauges = self.gauges()
+        out.update({name: dict(gauges.get(name, {})) for name, s in SERIES.items() if s.kind == "gauge"})
+        return out
+
+    def attach(self, sink: Sink) -> dict[str, dict[str | None, float]]:
+        """Forward every later increment and observation to `sink` (from the calling
+        thread). Returns the counters as they stood at that instant ({name: {label or
+        None: value}}), so sink totals = returned values + forwarded increments, exactly."""
+        with self._lock:
+            self._sinks = (*self._sinks, sink)
+            return {name: dict(values) for name, values in self._counters.items()}
