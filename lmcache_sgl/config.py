@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import yaml
 
 GB = 1024**3
+MAX_GB = 2**20  # 1 PiB: beyond any host's memory or local disk; its bytes (2**50) are integers a float holds exactly
+MAX_CHUNK_TOKENS = 2**24  # beyond any model's context length
+MAX_SECONDS = threading.TIMEOUT_MAX  # the longest timeout threading's waits accept (more raises OverflowError)
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,9 @@ class LMCacheConfig:
     save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
     save_on_checkpoint: bool = True  # store chunks as soon as computed (else only when SGLang evicts them)
     save_decode_cache: bool = False  # with save_on_checkpoint, store decode tokens' chunks too
+    max_disk_write_delay: float = 5.0  # seconds a write_through chunk may wait for an idle server before it goes to disk anyway
+    max_write_queue_size: float = 1.0  # GB of chunk copies the asynchronous disk writer may hold in its queue
+    shutdown_flush_timeout: float = 10.0  # seconds a stopping server waits for queued disk writes
 
     @property
     def disk_path(self) -> str | None:
@@ -50,13 +57,23 @@ class LMCacheConfig:
     def disk_bytes(self) -> int:
         return int(self.max_local_disk_size * GB) if self.local_disk else 0
 
-    def validated(self, page_size: int = 1) -> "LMCacheConfig":
-        """Return self after checking every value; raise ConfigError naming the first bad key."""
-        if page_size <= 0 or self.chunk_size <= 0 or self.chunk_size % page_size:
-            _bad("chunk_size", self.chunk_size, f"must be a positive multiple of the page size {page_size}")
-        for key in ("max_local_cpu_size", "max_local_disk_size"):
-            if getattr(self, key) < 0:
-                _bad(key, getattr(self, key), "must not be negative")
+    def validated(self, page_size: int = 1, chunk_bytes: int | None = None) -> "LMCacheConfig":
+        """Return self after checking every value; raise ConfigError naming the first bad key.
+
+        chunk_bytes, the bytes of one chunk where the caller knows them, also refuses a CPU
+        tier too small to hold one chunk."""
+        if page_size <= 0 or not 0 < self.chunk_size <= MAX_CHUNK_TOKENS or self.chunk_size % page_size:
+            _bad("chunk_size", self.chunk_size, f"must be a multiple of the page size {page_size} in 1..{MAX_CHUNK_TOKENS}")
+        for key, above_zero, high in (
+            ("max_local_cpu_size", False, MAX_GB),
+            ("max_local_disk_size", False, MAX_GB),
+            ("max_disk_write_delay", True, MAX_SECONDS),
+            ("max_write_queue_size", True, MAX_GB),
+            ("shutdown_flush_timeout", False, MAX_SECONDS),
+        ):
+            value = getattr(self, key)
+            if not (0 < value if above_zero else 0 <= value) or not value <= high:  # NaN fails both
+                _bad(key, value, f"must be {'>' if above_zero else '>='} 0 and <= {high}")
         if self.write_policy not in ("write_back", "write_through"):
             _bad("write_policy", self.write_policy, "must be write_back or write_through")
         if self.disk_codec not in ("zstd", "raw"):
@@ -67,11 +84,21 @@ class LMCacheConfig:
             if self.max_local_disk_size <= 0:
                 _bad("max_local_disk_size", self.max_local_disk_size, "must be positive when local_disk is set")
             _check_writable_dir(self.disk_path or "")
+        if self.save_decode_cache and not self.save_on_checkpoint:
+            _bad("save_decode_cache", True, "has no effect unless 'save_on_checkpoint' is true")
+        if chunk_bytes is not None and self.local_cpu and self.cpu_bytes < chunk_bytes:
+            # chunk_bytes / GB is exact in a float and in 30 decimals, so the stated minimum is accepted
+            smallest = f"{chunk_bytes / GB:.30f}".rstrip("0").rstrip(".")
+            _bad("max_local_cpu_size", self.max_local_cpu_size, f"must hold one chunk with local_cpu: at least {smallest} GB")
         return self
 
 
 def _bad(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"lmcache config key {key!r} = {value!r}: {why}")
+    try:
+        shown = repr(value)
+    except ValueError:  # an int of over 4300 digits
+        shown = f"<an int of {value.bit_length()} bits>"
+    raise ConfigError(f"lmcache config key {key!r} = {shown}: {why}")
 
 
 def _check_writable_dir(path: str) -> None:
@@ -79,9 +106,23 @@ def _check_writable_dir(path: str) -> None:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
             pass
-    except OSError as e:
-        _bad("local_disk", path, f"is not a writable directory ({e.strerror or e})")
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        _bad("local_disk", path, f"is not a writable directory ({getattr(e, 'strerror', None) or e})")
 
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps an integer of over 4300 digits (too long for int()) as its
+    text, so that it is refused naming its key."""
+
+
+def _int_or_text(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    try:
+        return loader.construct_yaml_int(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_or_text)
 
 _FIELD_TYPES = {f.name: f.type for f in fields(LMCacheConfig)}
 
@@ -111,7 +152,12 @@ def _coerce(key: str, value: Any, from_env: bool) -> Any:
     }.get(kind.split(" ")[0], isinstance(value, str))
     if not ok:
         _bad(key, value, f"must be of type {kind}")
-    return float(value) if kind == "float" else value
+    if kind == "float":
+        try:
+            return float(value)
+        except OverflowError:
+            _bad(key, value, "is too large")
+    return value
 
 
 def config_from_mapping(values: Mapping[str, Any], *, from_env: bool = False) -> dict[str, Any]:
@@ -125,16 +171,18 @@ def config_from_mapping(values: Mapping[str, Any], *, from_env: bool = False) ->
 
 
 def load_config(
-    path: str | None = None, *, page_size: int = 1, environ: Mapping[str, str] | None = None
+    path: str | None = None, *, page_size: int = 1, environ: Mapping[str, str] | None = None,
+    chunk_bytes: int | None = None,
 ) -> LMCacheConfig:
-    """Defaults < YAML file (`path` or LMCACHE_CONFIG_FILE) < LMCACHE_<KEY> variables."""
+    """Defaults < YAML file (`path` or LMCACHE_CONFIG_FILE) < LMCACHE_<KEY> variables,
+    validated with `page_size` and `chunk_bytes` (see LMCacheConfig.validated)."""
     environ = os.environ if environ is None else environ
     path = path or environ.get("LMCACHE_CONFIG_FILE")
     values: dict[str, Any] = {}
     if path:
         try:
             with open(path) as f:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, _Loader)
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read lmcache config file {path!r}: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
@@ -142,4 +190,4 @@ def load_config(
         values.update(config_from_mapping(loaded or {}))
     env = {k: environ[f"LMCACHE_{k.upper()}"] for k in _FIELD_TYPES if f"LMCACHE_{k.upper()}" in environ}
     values.update(config_from_mapping(env, from_env=True))
-    return dataclasses.replace(LMCacheConfig(), **values).validated(page_size)
+    return dataclasses.replace(LMCacheConfig(), **values).validated(page_size, chunk_bytes)
