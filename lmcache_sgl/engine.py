@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
-import weakref
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +24,10 @@ from . import ops
 from .codec import ChunkLayout
 from .config import LMCacheConfig
 from .keys import Namespace, chunk_keys, chunk_spans
-from .storage import CpuTier, DiskTier, TierStack
+from .lograte import RateLimitedLog
+from .metrics import CacheMetrics
+from .storage import IdleSignal, build_stack
+from .storage.stack import Protection
 
 log = logging.getLogger("lmcache_sgl")
 
@@ -60,16 +63,6 @@ class KVPoolView:
         return f"{self.kind}:L{self.num_layers}:" + "x".join(map(str, self.row_shape))
 
 
-_ENGINES: "weakref.WeakSet[CacheEngine]" = weakref.WeakSet()
-
-
-def mark_idle() -> None:
-    """The server has nothing to run: background disk writes may use the CPU (until the
-    next request reaches the cache, which clears the flag)."""
-    for engine in list(_ENGINES):
-        engine.idle.set()
-
-
 @dataclass(frozen=True)
 class Chunk:
     key: bytes
@@ -77,41 +70,38 @@ class Chunk:
     end: int  # one past the last token
 
 
-def build_tier_stack(config: LMCacheConfig, slab_bytes: int, idle: threading.Event | None = None) -> TierStack:
-    """The tiers the config asks for; at least one must be enabled. Disk writes wait for
-    `idle` (when given) so they do not compete with the model for the CPU."""
-    cpu = CpuTier(config.cpu_bytes, slab_bytes) if config.local_cpu and config.cpu_bytes >= slab_bytes else None
-    disk = None
-    if config.disk_path:
-        disk = DiskTier(config.disk_path, config.disk_bytes, codec=config.disk_codec, level=config.zstd_level, gate=idle)
-    if cpu is None and disk is None:
-        raise ValueError(
-            "lmcache config enables no tier: set local_cpu with max_local_cpu_size of at least one chunk "
-            f"({slab_bytes / 1e9:.3f} GB), or local_disk"
-        )
-    return TierStack(cpu, disk, write_through=config.write_policy == "write_through")
+MAX_SEEDS = 4096  # (extra_key, cache_salt) pairs whose namespace digests are kept
 
 
 class CacheEngine:
     def __init__(
         self, config: LMCacheConfig, pool: KVPoolView, model_id: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        kv_dtype: str | None = None, stack: TierStack | None = None, device_stream=None,
+        kv_dtype: str | None = None, device_stream=None,
     ) -> None:
         """kv_dtype: the logical KV dtype (SGLang's --kv-cache-dtype; fp8 formats are
         stored as uint8), default the pool's storage dtype. device_stream: the stream
         SGLang's forward runs on (GPU pools); pool reads and writes are ordered on it."""
         self.config = config
         self.device_stream = device_stream
-        self.idle = threading.Event()  # set while the server has nothing to run (mark_idle)
-        _ENGINES.add(self)
+        self.idle = IdleSignal()  # set while the server has nothing to run; cold tiers' writes wait for it
+        self.metrics = CacheMetrics()
         self.pool = pool
         self.chunk_size = config.chunk_size
-        self.stack = stack or build_tier_stack(config, pool.layout(config.chunk_size).nbytes, self.idle)
+        self.stack = build_stack(
+            config, pool.layout(config.chunk_size).nbytes, metrics=self.metrics, idle=self.idle,
+            tp_rank=tp_rank, tp_size=tp_size,
+        )
+        self.metrics.set_gauges(self._gauges)
         self._namespace = Namespace(model_id, kv_dtype or pool.dtype, pool.describe(), tp_rank, tp_size)
-        self._seeds: dict[tuple[str | None, str | None], bytes] = {}
-        self.loaded_chunks = 0
-        self.stored_chunks = 0
-        self.failed_loads = 0
+        self._seeds: OrderedDict[tuple[str | None, str | None], bytes] = OrderedDict()  # LRU, at most MAX_SEEDS
+        self._errors = RateLimitedLog(log, "lmcache-sgl")
+
+    def _gauges(self) -> dict[str, dict[str, float]]:
+        usage = self.stack.usage()
+        return {
+            "usage_bytes": {tier: used for tier, (used, _) in usage.items()},
+            "capacity_bytes": {tier: capacity for tier, (_, capacity) in usage.items()},
+        }
 
     def set_model(self, model_id: bytes) -> None:
         """The model's weights changed (e.g. a weight update): from now on keys live in the
@@ -122,10 +112,15 @@ class CacheEngine:
     def seed(self, extra_key: str | None = None, cache_salt: str | None = None) -> bytes:
         """Namespace digest for one (extra_key, cache_salt) pair; keys never cross namespaces."""
         pair = (extra_key, cache_salt)
-        if pair not in self._seeds:
-            ns = Namespace(**{**self._namespace.__dict__, "extra_key": extra_key, "cache_salt": cache_salt})
-            self._seeds[pair] = ns.digest()
-        return self._seeds[pair]
+        seed = self._seeds.get(pair)
+        if seed is None:
+            seed = dataclasses.replace(self._namespace, extra_key=extra_key, cache_salt=cache_salt).digest()
+            self._seeds[pair] = seed
+            if len(self._seeds) > MAX_SEEDS:
+                self._seeds.popitem(last=False)
+        else:
+            self._seeds.move_to_end(pair)
+        return seed
 
     def chunks(self, seed: bytes, tokens: Sequence[int] | np.ndarray, *, partial: bool | None = None) -> list[Chunk]:
         """The chunks of `tokens` from token 0: whole ones, plus the trailing partial one
@@ -135,49 +130,77 @@ class CacheEngine:
         spans = chunk_spans(len(tokens), self.chunk_size, partial=partial)
         return [Chunk(key, start, end) for key, (start, end) in zip(keys, spans)]
 
-    def hit_length(self, chunks: Sequence[Chunk], known: int = 0) -> int:
+    def hit_length(self, chunks: Sequence[Chunk], known: int = 0, *, record: bool = False) -> int:
         """Tokens from 0 covered by present chunks, trusting the first `known` tokens
-        (already on the device) without asking the tiers for them."""
+        (already on the device) without asking the tiers for them. `record`: count this
+        lookup in the metrics (once per request, not once per call)."""
         first = next((i for i, c in enumerate(chunks) if c.end > known), len(chunks))
-        present = self.stack.lookup([c.key for c in chunks[first:]])
-        return chunks[first + present - 1].end if present else known
+        tiers = self.stack.lookup_tiers([c.key for c in chunks[first:]])
+        if record and first < len(chunks):
+            self.metrics.inc("lookup_requested_tokens_total", chunks[-1].end - known)
+            for c, tier in zip(chunks[first:], tiers):
+                self.metrics.inc("lookup_hit_tokens_total", c.end - max(c.start, known), tier=tier)
+        return chunks[first + len(tiers) - 1].end if tiers else known
+
+    def protect(self, chunks: Sequence[Chunk]) -> Protection | None:
+        """Keep the chunks from eviction until unprotect(handle), so a promised load can
+        happen; None (nothing kept) if one of them is gone."""
+        return self.stack.protect([c.key for c in chunks])
+
+    def unprotect(self, handle: Protection) -> None:
+        self.stack.unprotect(handle)
 
     # ---- pool <-> tiers -----------------------------------------------------------
     def store(self, chunks: Sequence[Chunk], slots: torch.Tensor) -> int:
         """Store every chunk not yet stored whose tokens all have slots (slots[t] holds
-        token t). Returns how many were stored."""
-        stored = 0
+        token t). Returns how many were stored; a chunk that fails is skipped, counted
+        and logged, never raised."""
+        started, stored = time.perf_counter(), 0
         for c in chunks:
-            if c.end > len(slots) or self.stack.contains(c.key):
-                continue
-            chunk_slots = slots[c.start : c.end]
-            if self.stack.store(c.key, self.pool.layout(c.end - c.start), lambda buf: self._gather(chunk_slots, buf)):
-                stored += 1
-        self.stored_chunks += stored
+            try:
+                if c.end > len(slots) or self.stack.contains(c.key):
+                    continue
+                chunk_slots = slots[c.start : c.end]
+                layout = self.pool.layout(c.end - c.start)
+                stored += self.stack.store(c.key, layout, lambda buf: self._gather(chunk_slots, buf))
+            except Exception as e:
+                self.metrics.inc("dropped_writes_total", reason="error")
+                self._errors.warn("store", "a chunk store failed and was skipped: %r", e)
+        if stored:
+            self.metrics.observe("store_seconds", time.perf_counter() - started)
         return stored
 
     def load(self, chunks: Sequence[Chunk], begin: int, slots: torch.Tensor) -> bool:
         """Write the KV of tokens [begin, begin + len(slots)) into `slots` from stored
-        chunks. True only if every token was written; on False, the slots hold garbage."""
+        chunks. True only if every token was written; on False (a miss, or any failure,
+        which is counted and logged, never raised) the slots hold garbage."""
+        started = time.perf_counter()
         end = begin + len(slots)
         wanted = [c for c in chunks if c.end > begin and c.start < end]
-        datas = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted])
+        hits: list = []
         try:
-            if any(data is None for data in datas):
-                self.failed_loads += 1
+            hits = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted])
+            if any(hit is None for hit in hits):
+                self.metrics.inc("failed_loads_total", reason="miss")
                 return False
             pieces = []
-            for c, data in zip(wanted, datas):
+            for c, hit in zip(wanted, hits):
                 lo, hi = max(c.start, begin), min(c.end, end)
-                src = data.view(len(self.pool.buffers), c.end - c.start, -1)
+                src = hit.data.view(len(self.pool.buffers), c.end - c.start, -1)
                 pieces.append(src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous())
             self._scatter(slots, pieces)
-            self.loaded_chunks += len(wanted)
-            return True
+        except Exception as e:
+            self.metrics.inc("failed_loads_total", reason="error")
+            self._errors.warn("load", "a load failed; its tokens are recomputed: %r", e)
+            return False
         finally:
-            for c, data in zip(wanted, datas):
-                if data is not None:
+            for c, hit in zip(wanted, hits):
+                if hit is not None:
                     self.stack.release(c.key)
+        for c, hit in zip(wanted, hits):
+            self.metrics.inc("loaded_tokens_total", min(c.end, end) - max(c.start, begin), tier=hit.tier)
+        self.metrics.observe("load_seconds", time.perf_counter() - started)
+        return True
 
     def _on_device(self):
         if self.device_stream is None:
@@ -209,16 +232,13 @@ class CacheEngine:
             torch.cuda.current_stream(device).synchronize()  # the slabs are released after we return
 
     def clear(self) -> None:
-        """Drop every stored chunk from every tier."""
-        if self.stack.cpu is not None:
-            self.stack.cpu.clear()
-        if self.stack.disk is not None:
-            self.stack.disk.clear()
+        """Drop every stored chunk from every tier (protected ones stay)."""
+        self.stack.clear()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Write what the cold tiers have queued (at most `timeout` seconds) and stop
+        them; False if writes were given up."""
+        return self.stack.close(timeout)
 
     def stats(self) -> dict:
-        return {
-            "loaded_chunks": self.loaded_chunks,
-            "stored_chunks": self.stored_chunks,
-            "failed_loads": self.failed_loads,
-            "tiers": self.stack.stats(),
-        }
+        return self.metrics.snapshot()

@@ -44,15 +44,20 @@ class TierStackMachine(RuleBasedStateMachine):
 
     @initialize(write_through=st.booleans())
     def make_stack(self, write_through):
-        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), self._disk(), write_through=write_through)
+        self.write_through = write_through
+        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), [self._disk()], write_through=write_through)
 
     def _disk(self) -> DiskTier:
-        return DiskTier(self.dir, DISK_CAPACITY, codec="zstd", queue_depth=4)
+        return DiskTier(self.dir, DISK_CAPACITY, codec="zstd", max_queue_bytes=4 * LAYOUT.nbytes)
+
+    @property
+    def disk(self) -> DiskTier:
+        return self.stack.cold[0]
 
     def teardown(self):
         disk_module._write_file = self.real_write
         if hasattr(self, "stack"):
-            self.stack.disk.close()
+            self.disk.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(i=st.integers(0, NUM_KEYS - 1))
@@ -62,9 +67,10 @@ class TierStackMachine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, NUM_KEYS - 1))
     def get(self, i):
-        data = self.stack.get(key(i), LAYOUT)
-        if data is None:
+        hit = self.stack.get(key(i), LAYOUT)
+        if hit is None:
             return
+        data = hit.data
         try:
             assert key(i) in self.model, "a chunk that was never stored came back"
             assert torch.equal(data, self.model[key(i)]), "a get returned other bytes"
@@ -73,13 +79,13 @@ class TierStackMachine(RuleBasedStateMachine):
 
     @rule(ids=st.lists(st.integers(0, NUM_KEYS - 1), min_size=2, max_size=5, unique=True))
     def get_many(self, ids):
-        datas = self.stack.get_many([(key(i), LAYOUT) for i in ids])
+        hits = self.stack.get_many([(key(i), LAYOUT) for i in ids])
         try:
-            for i, data in zip(ids, datas):
-                assert data is None or torch.equal(data, self.model[key(i)]), "get_many returned other bytes"
+            for i, hit in zip(ids, hits):
+                assert hit is None or torch.equal(hit.data, self.model[key(i)]), "get_many returned other bytes"
         finally:
-            for i, data in zip(ids, datas):
-                if data is not None:
+            for i, hit in zip(ids, hits):
+                if hit is not None:
                     self.stack.release(key(i))
 
     @rule(order=st.permutations(list(range(NUM_KEYS))), n=st.integers(0, NUM_KEYS))
@@ -91,27 +97,28 @@ class TierStackMachine(RuleBasedStateMachine):
 
     @rule()
     def evict(self):
-        self.stack.cpu.evict_lru()
+        self.stack.hot.evict_lru()
 
     @rule()
     def flush(self):
         self.stack.flush()
+        assert all(e.pins == 0 for e in self.stack.hot._entries.values()), "a written chunk stayed pinned"
         files = [f for f in os.listdir(self.dir) if f.endswith(".lmsg")]
         assert sum(os.path.getsize(os.path.join(self.dir, f)) for f in files) <= DISK_CAPACITY
 
     @rule()
     def restart_disk_tier(self):
-        old = self.stack.disk
+        old = self.disk
         old.close()
         intact = set(old.keys()) - self.damaged
-        self.stack.disk = self._disk()
-        assert intact <= set(self.stack.disk.keys()), "an intact disk entry was lost in a restart"
+        self.stack = TierStack(self.stack.hot, [self._disk()], write_through=self.write_through)
+        assert intact <= set(self.disk.keys()), "an intact disk entry was lost in a restart"
         out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
         for k in intact:
-            assert self.stack.disk.get_into(k, LAYOUT, out) and torch.equal(out, self.model[k])
+            assert self.disk.get_into(k, LAYOUT, out) and torch.equal(out, self.model[k])
 
     def _some_file(self, i):
-        keys = self.stack.disk.keys()
+        keys = self.disk.keys()
         return (keys[i % len(keys)], os.path.join(self.dir, keys[i % len(keys)].hex() + ".lmsg")) if keys else (None, None)
 
     # The writer may evict a file at any moment: damage it in place, never re-create it
@@ -152,7 +159,7 @@ class TierStackMachine(RuleBasedStateMachine):
 
     @invariant()
     def capacities_hold(self):
-        cpu, disk = self.stack.cpu, self.stack.disk
+        cpu, disk = self.stack.hot, self.disk
         assert len(cpu) <= cpu.num_slabs and cpu.used_bytes <= cpu.capacity_bytes
         assert disk.used_bytes <= DISK_CAPACITY
 

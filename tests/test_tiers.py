@@ -1,11 +1,16 @@
 import errno
 import os
+import stat
+import threading
+import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmcache_sgl.codec import ChunkLayout
-from lmcache_sgl.storage import CpuTier, DiskTier, TierStack
+from lmcache_sgl.storage import AsyncWriter, CpuTier, DiskDirectoryError, DiskTier, IdleSignal, Payload, TierStack
 from lmcache_sgl.storage import disk as disk_module
 
 LAYOUT = ChunkLayout("bytes", "uint8", (1000,))
@@ -54,12 +59,11 @@ def test_cpu_tier_pins_block_eviction_and_layout_is_checked():
     view0 = cpu.pin(key(0), LAYOUT)
     view1 = cpu.pin(key(1), LAYOUT)
     assert torch.equal(view0, payload(0)) and torch.equal(view1, payload(1))
-    assert not cpu.store(key(2), LAYOUT, fill_with(2))  # everything pinned: dropped
-    assert cpu.stats.dropped == 1
+    assert not cpu.store(key(2), LAYOUT, fill_with(2))  # everything pinned: no room
     cpu.unpin(key(1))
     assert cpu.store(key(2), LAYOUT, fill_with(2)) and key(0) in cpu and key(1) not in cpu
     assert cpu.pin(key(2), ChunkLayout("bytes", "uint8", (999,))) is None
-    assert cpu.stats.corrupt == 1
+    assert cpu.metrics.snapshot()["corrupt_frames_total"] == {"cpu": 1}
     with pytest.raises(KeyError):
         cpu.unpin(key(2))
 
@@ -75,19 +79,36 @@ def test_cpu_tier_fill_failure_gives_the_slab_back():
     assert key(0) not in cpu and cpu.store(key(1), LAYOUT, fill_with(1))
 
 
+def owned(i: int) -> Payload:
+    data = payload(i)
+    return Payload(data, data.numel())
+
+
+def wait_until(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
 def test_disk_tier_roundtrip_restart_and_budget(tmp_path, codec):
     disk = DiskTier(str(tmp_path), capacity_bytes=4000, codec=codec)
     for i in range(6):
-        assert disk.put(key(i), LAYOUT, payload(i))
+        assert disk.put(key(i), LAYOUT, owned(i))
     disk.flush()
     assert disk.used_bytes <= 4000 and 0 < len(disk) < 6
     kept = disk.keys()
     disk.close()
-    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 4000
-    (tmp_path / "stray.tmp").write_bytes(b"half a write")
+    assert sum(f.stat().st_size for f in tmp_path.glob("*.lmsg")) <= 4000
+    own_temp = tmp_path / (key(9).hex() + ".lmsg.1234.tmp")
+    own_temp.write_bytes(b"half a write")
+    foreign = tmp_path / "notes.tmp"
+    foreign.write_bytes(b"not ours")
     again = DiskTier(str(tmp_path), capacity_bytes=4000, codec=codec)
-    assert again.keys() == kept and not (tmp_path / "stray.tmp").exists()
+    assert again.keys() == kept and not own_temp.exists() and foreign.exists()
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
     i = int.from_bytes(kept[-1], "little")
     assert again.get_into(kept[-1], LAYOUT, out) and torch.equal(out, payload(i))
@@ -96,7 +117,7 @@ def test_disk_tier_roundtrip_restart_and_budget(tmp_path, codec):
 
 def test_disk_tier_corrupt_file_is_a_miss_and_removed(tmp_path):
     disk = DiskTier(str(tmp_path), capacity_bytes=10**6)
-    disk.put(key(1), LAYOUT, payload(1))
+    disk.put(key(1), LAYOUT, owned(1))
     disk.flush()
     path = tmp_path / (key(1).hex() + ".lmsg")
     data = bytearray(path.read_bytes())
@@ -104,75 +125,241 @@ def test_disk_tier_corrupt_file_is_a_miss_and_removed(tmp_path):
     path.write_bytes(bytes(data))
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
     assert not disk.get_into(key(1), LAYOUT, out)
-    assert disk.stats.corrupt == 1 and key(1) not in disk and not path.exists()
+    assert disk.metrics.snapshot()["corrupt_frames_total"] == {"disk": 1}
+    assert key(1) not in disk and not path.exists()
     disk.close()
 
 
-def test_disk_full_is_logged_counted_and_dropped(tmp_path, monkeypatch, caplog):
-    disk = DiskTier(str(tmp_path), capacity_bytes=10**6)
+def test_disk_full_below_the_budget_evicts_own_files_and_retries(tmp_path, monkeypatch, caplog):
+    """ENOSPC with room left in the budget: the tier evicts its least recently used files
+    and retries; when nothing helps, the chunk is dropped and logged once, with a count."""
+    disk = DiskTier(str(tmp_path), capacity_bytes=10**6, codec="raw")
+    for i in range(3):
+        disk.put(key(i), LAYOUT, owned(i))
+    disk.flush()
+    real_write, room = disk_module._write_file, [1]  # the device takes one more file after each eviction
+
+    def small_device(path, parts):
+        if len(list(tmp_path.glob("*.lmsg"))) >= 3 and room[0] == 0:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        room[0] = 0
+        real_write(path, parts)
+
+    monkeypatch.setattr(disk_module, "_write_file", small_device)
+    room[0] = 0
+    assert disk.put(key(3), LAYOUT, owned(3))
+    disk.flush()
+    assert key(3) in disk.keys() and key(0) not in disk.keys()  # the oldest file made room
+    assert disk.metrics.snapshot()["dropped_writes_total"] == {}
 
     def full(path, parts):
-        with open(path, "wb") as f:
-            f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(disk_module, "_write_file", full)
-    assert disk.put(key(1), LAYOUT, payload(1))
+    caplog.clear()
+    for i in range(10, 20):
+        disk.put(key(i), LAYOUT, owned(i))
     disk.flush()
-    assert disk.stats.write_errors == 1 and key(1) not in disk and disk.used_bytes == 0
-    assert list(tmp_path.iterdir()) == [] and "No space left" in caplog.text
+    assert disk.metrics.snapshot()["dropped_writes_total"] == {"disk_full": 10}
+    assert caplog.text.count("No space left") == 1
+    assert disk.used_bytes == sum(f.stat().st_size for f in tmp_path.glob("*.lmsg")) == 0
+    assert not list(tmp_path.glob("*.tmp"))
     disk.close()
 
 
 def test_stack_write_back_demotes_and_promotes(tmp_path):
-    stack = TierStack(CpuTier(2000, 1000), DiskTier(str(tmp_path), 10**6))
+    stack = TierStack(CpuTier(2000, 1000), [DiskTier(str(tmp_path), 10**6)], write_through=False)
     keys = [key(i) for i in range(4)]
     for i, k in enumerate(keys):
         assert stack.store(k, LAYOUT, fill_with(i))
     stack.flush()
     assert stack.lookup(keys) == 4 and stack.lookup([key(9)] + keys) == 0
-    assert keys[0] not in stack.cpu and keys[0] in stack.disk  # demoted
-    data = stack.get(keys[0], LAYOUT)  # promoted back into the CPU tier
-    assert data is not None and torch.equal(data, payload(0)) and keys[0] in stack.cpu
+    assert stack.lookup_tiers(keys) == ["disk", "disk", "cpu", "cpu"]
+    assert keys[0] not in stack.hot and keys[0] in stack.cold[0]  # demoted
+    hit = stack.get(keys[0], LAYOUT)  # promoted back into the CPU tier
+    assert hit is not None and hit.tier == "disk" and torch.equal(hit.data, payload(0)) and keys[0] in stack.hot
     stack.release(keys[0])
-    assert stack.stats()["disk"]["hits"] == 1
+    assert stack.metrics.snapshot()["load_bytes_total"] == {"disk": LAYOUT.nbytes}
 
 
 def test_stack_write_through_and_disk_only(tmp_path):
-    stack = TierStack(CpuTier(10**6, 1000), DiskTier(str(tmp_path / "a"), 10**6), write_through=True)
+    stack = TierStack(CpuTier(10**6, 1000), [DiskTier(str(tmp_path / "a"), 10**6)], write_through=True)
     stack.store(key(1), LAYOUT, fill_with(1))
     stack.flush()
-    assert key(1) in stack.cpu and key(1) in stack.disk
-    disk_only = TierStack(None, DiskTier(str(tmp_path / "b"), 10**6))
+    assert key(1) in stack.hot and key(1) in stack.cold[0].keys()
+    disk_only = TierStack(None, [DiskTier(str(tmp_path / "b"), 10**6)])
     disk_only.store(key(2), LAYOUT, fill_with(2))
     disk_only.flush()
-    data = disk_only.get(key(2), LAYOUT)
-    assert data is not None and torch.equal(data, payload(2))
+    hit = disk_only.get(key(2), LAYOUT)
+    assert hit is not None and torch.equal(hit.data, payload(2))
     disk_only.release(key(2))
     assert disk_only.get(key(3), LAYOUT) is None
 
 
-def test_disk_writes_wait_for_the_gate_unless_flushed(tmp_path):
-    import threading
-    import time
-
-    gate = threading.Event()
-    disk = DiskTier(str(tmp_path), capacity_bytes=10**6, gate=gate, queue_depth=8)
-    disk.put(key(1), LAYOUT, payload(1))
-    time.sleep(0.3)
-    assert key(1) not in disk  # the host is busy: nothing written yet
-    gate.set()
-    for _ in range(100):
-        if key(1) in disk:
-            break
-        time.sleep(0.02)
-    assert key(1) in disk
-    gate.clear()
-    disk.put(key(2), LAYOUT, payload(2))
-    disk.flush()  # a flush does not wait for the gate
-    assert key(2) in disk
-    for i in range(3, 8):  # half the queue waiting: writes go ahead anyway
-        disk.put(key(i), LAYOUT, payload(i))
-    disk.flush()
-    assert all(key(i) in disk for i in range(3, 8))
+def test_write_through_never_drops_a_chunk_the_cpu_tier_would_evict(tmp_path):
+    """More chunks than the CPU tier holds, stored while the server is busy: every one
+    reaches the disk (the writer's borrowed copy stays pinned until it is written)."""
+    idle = IdleSignal()
+    disk = DiskTier(str(tmp_path), 10**6, idle=idle, max_delay_s=60)
+    stack = TierStack(CpuTier(2000, 1000), [disk], write_through=True)
+    for i in range(6):
+        assert stack.store(key(i), LAYOUT, fill_with(i))
+    assert disk.keys() == []  # busy: nothing written yet
+    idle.set()
+    assert stack.flush(timeout=10)
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    for i in range(6):
+        assert disk.get_into(key(i), LAYOUT, out) and torch.equal(out, payload(i))
+    assert all(e.pins == 0 for e in stack.hot._entries.values())
+    assert stack.metrics.snapshot()["dropped_writes_total"] == {}
     disk.close()
+
+
+def test_writes_wait_for_idle_but_not_longer_than_the_delay(tmp_path):
+    idle = IdleSignal()
+    disk = DiskTier(str(tmp_path), capacity_bytes=10**6, idle=idle, max_delay_s=1.0)
+    disk.put(key(1), LAYOUT, owned(1))
+    time.sleep(0.3)
+    assert key(1) not in disk.keys()  # busy, and the delay has not run out
+    idle.set()
+    assert wait_until(lambda: key(1) in disk.keys())
+    idle.clear()
+    started = time.monotonic()
+    disk.put(key(2), LAYOUT, owned(2))
+    assert wait_until(lambda: key(2) in disk.keys())  # busy throughout: written once overdue
+    assert time.monotonic() - started >= 0.9
+    disk.put(key(3), LAYOUT, owned(3))
+    assert disk.flush(timeout=5)  # a flush does not wait for idleness
+    assert key(3) in disk.keys()
+    disk.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12), budget=st.integers(4, 8))
+def test_writer_queue_never_holds_more_copies_than_its_budget(sizes, budget):
+    """Copies wait for room: queued bytes never exceed the budget, and every chunk is
+    written once room is made."""
+    unit = 1000
+    written, peak, lock = [], [0], threading.Lock()
+    writer = None
+
+    def sink(k, layout, data):
+        with lock:
+            peak[0] = max(peak[0], writer.queued_bytes)
+        time.sleep(0.002)
+        written.append(k)
+
+    writer = AsyncWriter(sink, name="test", max_bytes=budget * unit, max_delay_s=10, idle=IdleSignal())
+    for i, n in enumerate(sizes):
+        data = torch.zeros(n * unit, dtype=torch.uint8)
+        assert writer.submit(key(i), ChunkLayout("bytes", "uint8", (n * unit,)), Payload(data, data.numel()))
+        assert writer.queued_bytes <= budget * unit
+    assert writer.close(timeout=10)
+    assert sorted(written) == sorted(key(i) for i in range(len(sizes))) and peak[0] <= budget * unit
+
+
+def test_close_writes_what_is_queued(tmp_path):
+    idle = IdleSignal()  # never set: only the shutdown flush writes
+    disk = DiskTier(str(tmp_path), 10**6, idle=idle, max_delay_s=60)
+    for i in range(8):
+        disk.put(key(i), LAYOUT, owned(i))
+    assert disk.close(timeout=10)
+    again = DiskTier(str(tmp_path), 10**6)
+    assert sorted(again.keys()) == sorted(key(i) for i in range(8))
+    again.close()
+
+
+# ---- the directory is the user's alone -------------------------------------------
+def test_disk_directory_and_files_are_private(tmp_path):
+    path = tmp_path / "cache"
+    disk = DiskTier(str(path), 10**6)
+    disk.put(key(1), LAYOUT, owned(1))
+    disk.flush()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((path / (key(1).hex() + ".lmsg")).stat().st_mode) == 0o600
+    disk.close()
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o777, 0o722])
+def test_disk_directory_writable_by_others_is_refused(tmp_path, mode):
+    path = tmp_path / "shared"
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(DiskDirectoryError, match="writable by group or others"):
+        DiskTier(str(path), 10**6)
+
+
+def test_disk_directory_of_another_user_or_a_symlink_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, os.geteuid() + 1, -1) if os.geteuid() == 0 else pytest.skip("needs root to chown")
+    with pytest.raises(DiskDirectoryError, match="another user"):
+        DiskTier(str(theirs), 10**6)
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(DiskDirectoryError, match="not a directory"):
+        DiskTier(str(tmp_path / "link"), 10**6)
+
+
+def test_second_live_owner_of_a_directory_is_refused(tmp_path):
+    disk = DiskTier(str(tmp_path), 10**6)
+    with pytest.raises(DiskDirectoryError, match="in use by another live process"):
+        DiskTier(str(tmp_path), 10**6)
+    disk.close()
+    DiskTier(str(tmp_path), 10**6).close()  # the lock dies with its owner
+
+
+def test_planted_fifo_and_symlink_are_never_read(tmp_path):
+    """A FIFO named like a frame must not block the server, and a symlinked frame must
+    not be served from outside the directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    disk = DiskTier(str(outside), 10**6)
+    disk.put(key(1), LAYOUT, owned(1))
+    disk.flush()
+    disk.close()
+    cache = tmp_path / "cache"
+    disk = DiskTier(str(cache), 10**6)
+    disk.close()
+    os.mkfifo(cache / (key(2).hex() + ".lmsg"))
+    (cache / (key(1).hex() + ".lmsg")).symlink_to(outside / (key(1).hex() + ".lmsg"))
+    disk = DiskTier(str(cache), 10**6)
+    assert disk.keys() == []  # neither is indexed at start
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    disk._index[key(2)] = 0  # as if planted after start: the read must still refuse them
+    disk._index[key(1)] = 0
+    done = threading.Event()
+    threading.Thread(target=lambda: (disk.get_into(key(2), LAYOUT, out), done.set()), daemon=True).start()
+    assert done.wait(5), "reading a FIFO blocked"
+    assert not disk.get_into(key(1), LAYOUT, out)
+    disk.close()
+
+
+def test_engine_load_survives_a_tier_that_raises_midway(tmp_path):
+    """A tier raising on the 2nd of 3 chunks: the load returns False, every pin is
+    released, the failure is counted; nothing is raised to the caller."""
+    from lmcache_sgl.config import LMCacheConfig
+    from lmcache_sgl.engine import CacheEngine, KVPoolView
+
+    buffers = tuple(torch.randn(64, 1, 8) for _ in range(2))
+    engine = CacheEngine(LMCacheConfig(chunk_size=4, max_local_cpu_size=0.001), KVPoolView("mha", buffers), b"m")
+    chunks = engine.chunks(engine.seed(), list(range(12)))
+    assert engine.store(chunks, torch.arange(1, 13)) == 3
+    hot, real_pin, calls = engine.stack.hot, engine.stack.hot.pin, []
+
+    def pin(k, layout):
+        calls.append(k)
+        if len(calls) == 2:
+            raise RuntimeError("tier broke")
+        return real_pin(k, layout)
+
+    hot.pin = pin
+    assert not engine.load(chunks, 0, torch.arange(20, 32))
+    assert all(e.pins == 0 for e in hot._entries.values())
+    assert engine.stats()["failed_loads_total"] == {"miss": 1}
+    hot.pin = real_pin
+    assert engine.load(chunks, 0, torch.arange(20, 32))
+    assert torch.equal(buffers[0][20:32], buffers[0][1:13]) and torch.equal(buffers[1][20:32], buffers[1][1:13])

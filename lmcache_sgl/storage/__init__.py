@@ -1,8 +1,13 @@
 """Storage tiers: they move and keep bytes, and know nothing of models."""
 
+from .base import ColdTier, Held, Payload, Tier
 from .cpu import CpuTier
-from .disk import DiskTier
-from .stack import TierStack
-from .stats import TierStats
+from .disk import DiskDirectoryError, DiskTier
+from .factory import build_stack
+from .stack import Hit, TierStack
+from .writer import AsyncWriter, IdleSignal
 
-__all__ = ["CpuTier", "DiskTier", "TierStack", "TierStats"]
+__all__ = [
+    "AsyncWriter", "ColdTier", "CpuTier", "DiskDirectoryError", "DiskTier", "Held", "Hit", "IdleSignal", "Payload",
+    "Tier", "TierStack", "build_stack",
+]

@@ -1,26 +1,27 @@
-"""CPU tier: a pre-allocated slab arena with LRU eviction and pins.
+"""CPU tier: the hot tier, a pre-allocated slab arena with LRU eviction and pins.
 
 One slab holds one chunk. The arena is allocated once (page-locked when CUDA is
 present; otherwise its pages are faulted in by a background thread at start), so the
-hot path neither allocates nor takes page faults. Pinned entries (being loaded) are never
-evicted. An entry is verified on every read by its key and layout.
+hot path neither allocates nor takes page faults. Pinned entries (being loaded,
+protected for a promised load, or lent to a cold tier's writer) are never evicted. An
+entry is verified on every read by its key and layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Sequence
 
 import torch
 
 from ..codec import ChunkLayout
-from .stats import TierStats
+from ..metrics import CacheMetrics
+from .base import Held, Payload
 
 EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor], None]
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -47,10 +48,16 @@ class _Entry:
 
 
 class CpuTier:
-    def __init__(self, capacity_bytes: int, slab_bytes: int, on_evict: EvictHook | None = None) -> None:
+    name = "cpu"
+
+    def __init__(
+        self, capacity_bytes: int, slab_bytes: int, on_evict: EvictHook | None = None, *,
+        metrics: CacheMetrics | None = None,
+    ) -> None:
         """Hold up to capacity_bytes // slab_bytes chunks of at most slab_bytes each.
 
-        on_evict(key, layout, data) sees each evicted entry before its slab is reused.
+        on_evict(key, layout, copy) is told of each evicted entry, with a copy of its
+        bytes, after the tier's lock is released (so it may block).
         """
         if slab_bytes <= 0:
             raise ValueError(f"slab_bytes must be positive, got {slab_bytes}")
@@ -65,7 +72,8 @@ class CpuTier:
         self._filling: set[bytes] = set()  # slabs taken, bytes being written
         self._lock = threading.RLock()
         self.on_evict = on_evict
-        self.stats = TierStats()
+        self._evicted: list[tuple[bytes, ChunkLayout, torch.Tensor]] = []  # copies for on_evict, under the lock
+        self.metrics = metrics if metrics is not None else CacheMetrics()
 
     @property
     def capacity_bytes(self) -> int:
@@ -76,8 +84,23 @@ class CpuTier:
         with self._lock:
             return sum(e.layout.nbytes for e in self._entries.values())
 
+    def usage(self) -> tuple[int, int]:
+        return self.used_bytes, self.capacity_bytes
+
+    def describe(self) -> str:
+        return f"cpu {self.capacity_bytes / 1e9:.2f} GB"
+
+    def close(self, timeout: float | None = None) -> bool:
+        return True  # nothing runs in the background once the arena is populated
+
     def __contains__(self, key: bytes) -> bool:
         return key in self._entries
+
+    def count_present(self, keys: Sequence[bytes]) -> int:
+        for i, key in enumerate(keys):
+            if key not in self._entries:
+                return i
+        return len(keys)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -103,10 +126,11 @@ class CpuTier:
                     self._entries.move_to_end(key)
                 return False
             slab = self._take_slab()
-            if slab is None:
-                self.stats.dropped += 1
-                return False
-            self._filling.add(key)
+            if slab is not None:
+                self._filling.add(key)
+        self._report_evictions()
+        if slab is None:
+            return False
         try:  # outside the lock: several chunks may be filled at once
             fill(self._view(slab, layout.nbytes))
         except BaseException:
@@ -117,8 +141,8 @@ class CpuTier:
         with self._lock:
             self._filling.discard(key)
             self._entries[key] = _Entry(slab, layout)
-            self.stats.stores += 1
-            self.stats.bytes_stored += layout.nbytes
+        self.metrics.inc("stored_chunks_total", tier=self.name)
+        self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
         return True
 
     def _lru_unpinned(self) -> bytes | None:
@@ -132,40 +156,38 @@ class CpuTier:
 
     def pin(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
         """The chunk's bytes, pinned until unpin(key); None on a miss or a layout mismatch."""
+        view = self._pinned_view(key, layout)
+        if view is not None:
+            with self._lock:
+                self._entries.move_to_end(key)
+        return view
+
+    def _pinned_view(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.layout != layout:
-                self.stats.misses += 1
                 if entry is not None:
-                    self.stats.corrupt += 1
+                    self.metrics.inc("corrupt_frames_total", tier=self.name)
                 return None
             entry.pins += 1
-            self._entries.move_to_end(key)
-            self.stats.hits += 1
-            self.stats.bytes_read += layout.nbytes
             return self._view(entry.slab, layout.nbytes)
 
-    def protect(self, key: bytes) -> bool:
-        """Pin the entry without reading it (so it survives until a later load); False if absent."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry.pins += 1
-            return entry is not None
+    def lease(self, key: bytes, layout: ChunkLayout) -> Payload | None:
+        """The chunk's bytes as a Payload for a cold tier: pinned (so never evicted)
+        until the payload is released; recency unchanged. None if absent."""
+        view = self._pinned_view(key, layout)
+        return None if view is None else Payload(view, 0, lambda: self.unpin(key))
 
-    @contextlib.contextmanager
-    def borrow(self, key: bytes, layout: ChunkLayout) -> Iterator[torch.Tensor | None]:
-        """The chunk's bytes, pinned for the `with` block (no hit counted); None if absent."""
+    def protect(self, keys: Sequence[bytes]) -> Held:
         with self._lock:
-            entry = self._entries.get(key)
-            ok = entry is not None and entry.layout == layout
-            if ok:
-                entry.pins += 1
-        try:
-            yield self._view(entry.slab, layout.nbytes) if ok else None
-        finally:
-            if ok:
-                self.unpin(key)
+            held = tuple(k for k in keys if k in self._entries)
+            for key in held:
+                self._entries[key].pins += 1
+        return Held(held)
+
+    def unprotect(self, held: Held) -> None:
+        for key in held.keys:
+            self.unpin(key)
 
     def unpin(self, key: bytes) -> None:
         with self._lock:
@@ -180,14 +202,25 @@ class CpuTier:
             victim = self._lru_unpinned()
             if victim is not None:
                 self._free.append(self._take_slab_of(victim))
-            return victim
+        self._report_evictions()
+        return victim
 
     def _take_slab_of(self, key: bytes) -> int:
+        """Under the lock: evict `key`, keeping a copy for on_evict; its slab."""
         entry = self._entries.pop(key)
-        self.stats.evictions += 1
+        self.metrics.inc("evicted_chunks_total", tier=self.name)
         if self.on_evict is not None:
-            self.on_evict(key, entry.layout, self._view(entry.slab, entry.layout.nbytes))
+            self._evicted.append((key, entry.layout, self._view(entry.slab, entry.layout.nbytes).clone()))
         return entry.slab
+
+    def _report_evictions(self) -> None:
+        """Outside the lock: hand the copies of evicted entries to on_evict."""
+        if not self._evicted or self.on_evict is None:
+            return
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+        for key, layout, copy in evicted:
+            self.on_evict(key, layout, copy)
 
     def clear(self) -> None:
         """Drop every unpinned entry without calling on_evict."""

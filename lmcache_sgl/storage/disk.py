@@ -1,66 +1,74 @@
-"""Disk tier: one verified frame per file, written off the caller's thread.
+"""Disk tier: one verified frame per file, in a directory this process alone owns.
 
-Files are `<key hex>.lmsg` in one directory. Writes go through a bounded queue to
-worker threads (at low priority, and when a gate is given only while it is open, e.g.
-while the server is idle) and are atomic (temp file, then rename), so a reader sees a
-whole frame or none. The index is rebuilt from the directory at start (LRU order from mtimes), so
-the cache survives restarts. The byte budget is never exceeded: room is made, least
-recently used first, before a file is written. IO errors (a full or unwritable disk)
-are logged and counted and the store is dropped; a frame that fails verification on
-read is deleted and reported as a miss.
+Files are `<key hex>.lmsg` (mode 0600) in a directory of mode 0700 that belongs to the
+user; a directory that others can write, or that another user owns, is refused, and a
+lock file keeps a second live process out. Writes are atomic (a temp file, then a
+rename) and run on the tier's AsyncWriter. The index is rebuilt from the directory at
+start (LRU order from mtimes; only regular files named like frames count; only this
+project's own temp files are deleted), so the cache survives restarts. The byte budget
+is never exceeded: room is made, least recently used first, before a file is written;
+a disk that fills up below the budget (ENOSPC) is met the same way, then the write is
+retried. Frames are opened without following links and without blocking, must be
+regular files, and are verified; anything else is a miss, and the entry is dropped.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
-import queue
+import re
+import stat
 import threading
-import time
 from collections import Counter, OrderedDict
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional
+from typing import Sequence
 
 import torch
 
 from ..codec import ChunkLayout, FrameError, decode_into, encode
-from .stats import TierStats
+from ..lograte import RateLimitedLog
+from ..metrics import CacheMetrics
+from .base import Held, Payload
+from .writer import AsyncWriter, IdleSignal
 
 log = logging.getLogger("lmcache_sgl")
 SUFFIX = ".lmsg"
-_STOP = object()
-IDLE_SETTLE_S = 0.2
-WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
-Source = Callable[[], ContextManager[Optional[torch.Tensor]]]
+LOCK_FILE = ".lmcache-sgl.lock"
+_FRAME = re.compile(r"[0-9a-f]{32}\.lmsg")
+_OWN_TEMP = re.compile(r"[0-9a-f]{32}\.lmsg\.\d+\.tmp")
+_ENOSPC_RETRIES = 2
+
+
+class DiskDirectoryError(ValueError):
+    """The directory cannot be used safely (permissions, owner, or another live owner)."""
 
 
 class DiskTier:
+    name = "disk"
+
     def __init__(
-        self, path: str, capacity_bytes: int, codec: str = "zstd", level: int = 1,
-        workers: int = 1, queue_depth: int = 1024, gate: threading.Event | None = None,
+        self, path: str, capacity_bytes: int, codec: str = "zstd", level: int = 1, *,
+        idle: IdleSignal | None = None, max_queue_bytes: int = 1 << 30, max_delay_s: float = 5.0,
+        metrics: CacheMetrics | None = None,
     ) -> None:
-        """gate: when given, writes wait until it is set (the host is idle), unless the
-        queue is half full or a flush is waiting."""
-        self.gate = gate
-        self._open_since: float | None = None  # when the writer first saw the gate open
-        self._flushing = threading.Event()
+        """Raises DiskDirectoryError if `path` is not safely ours. Writes wait for `idle`
+        (when given) at most `max_delay_s`; the queue holds at most `max_queue_bytes` of copies."""
         self.path = path
         self.capacity_bytes = capacity_bytes
         self.codec, self.level = codec, level
-        self.stats = TierStats()
+        self.metrics = metrics if metrics is not None else CacheMetrics()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, LRU first
-        self._pending: set[bytes] = set()  # queued or being written
         self._used = 0  # bytes of indexed files plus reservations of writes in flight
         self._protected: Counter[bytes] = Counter()  # keys that eviction must skip
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
-        os.makedirs(path, exist_ok=True)
+        self._io_errors = RateLimitedLog(log, f"lmcache-sgl disk tier {path}")
+        self._lock_fd = _claim_directory(path)
         self._rebuild_index()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"lmcsgl-disk-{i}", daemon=True) for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
+        self.writer = AsyncWriter(
+            self._write, name="disk", idle=idle, max_bytes=max_queue_bytes, max_delay_s=max_delay_s,
+            on_drop=lambda reason: self.metrics.inc("dropped_writes_total", reason=reason),
+        )
 
     # ---- index -------------------------------------------------------------------
     def _file(self, key: bytes) -> str:
@@ -69,22 +77,15 @@ class DiskTier:
     def _rebuild_index(self) -> None:
         found = []
         for entry in os.scandir(self.path):
-            name = entry.name
-            if name.endswith(".tmp"):
+            if _OWN_TEMP.fullmatch(entry.name):
                 _unlink(entry.path)  # a write cut short by a crash
-                continue
-            stem = name[: -len(SUFFIX)]
-            if not name.endswith(SUFFIX) or len(stem) != 32:
-                continue
-            try:
-                key, st = bytes.fromhex(stem), entry.stat()
-            except (ValueError, OSError):
-                continue
-            found.append((st.st_mtime_ns, key, st.st_size))
+            elif _FRAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                found.append((st.st_mtime_ns, bytes.fromhex(entry.name[: -len(SUFFIX)]), st.st_size))
         for _, key, size in sorted(found):
             self._index[key] = size
             self._used += size
-        while self._used > self.capacity_bytes and self._evict_one():
+        while self._used > self.capacity_bytes and self._evict_one() is not None:
             pass
 
     @property
@@ -92,7 +93,7 @@ class DiskTier:
         return self._used
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._index
+        return key in self._index or self.writer.pending(key)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -101,29 +102,42 @@ class DiskTier:
         with self._lock:
             return list(self._index)
 
-    def _evict_one(self) -> bool:
-        """Evict the least recently used unprotected file; False if there is none."""
+    def count_present(self, keys: Sequence[bytes]) -> int:
+        for i, key in enumerate(keys):
+            if key not in self._index:
+                return i
+        return len(keys)
+
+    def usage(self) -> tuple[int, int]:
+        return self._used, self.capacity_bytes
+
+    def describe(self) -> str:
+        return f"disk {self.path} {self.capacity_bytes / 1e9:.2f} GB ({len(self._index)} chunks found)"
+
+    def _evict_one(self) -> int | None:
+        """Evict the least recently used unprotected file; the bytes freed, None if there
+        is none to evict."""
         key = next((k for k in self._index if k not in self._protected), None)
         if key is None:
-            return False
-        self._used -= self._index.pop(key)
+            return None
+        size = self._index.pop(key)
+        self._used -= size
         _unlink(self._file(key))
-        self.stats.evictions += 1
-        return True
+        self.metrics.inc("evicted_chunks_total", tier=self.name)
+        return size
 
-    def protect(self, key: bytes) -> bool:
-        """Keep the file from eviction until unprotect(key); False if absent."""
+    def protect(self, keys: Sequence[bytes]) -> Held:
         with self._lock:
-            if key in self._index:
-                self._protected[key] += 1
-                return True
-            return False
+            held = tuple(k for k in keys if k in self._index)
+            self._protected.update(held)
+        return Held(held)
 
-    def unprotect(self, key: bytes) -> None:
+    def unprotect(self, held: Held) -> None:
         with self._lock:
-            self._protected[key] -= 1
-            if self._protected[key] <= 0:
-                del self._protected[key]
+            self._protected.subtract(held.keys)
+            for key in held.keys:
+                if self._protected[key] <= 0:
+                    del self._protected[key]
 
     def _drop(self, key: bytes) -> None:
         with self._lock:
@@ -133,149 +147,146 @@ class DiskTier:
                 _unlink(self._file(key))
 
     # ---- writes ------------------------------------------------------------------
-    def put(self, key: bytes, layout: ChunkLayout, data: torch.Tensor | Source) -> bool:
-        """Queue a chunk to be written: `data` is a CPU tensor the caller no longer changes,
-        or a Source the writer opens when it gets to the chunk (None there: dropped).
-
-        Returns at once: False when the chunk is already here or queued, or the queue is
-        full (the store is dropped and counted).
-        """
-        with self._lock:
-            if key in self._index or key in self._pending:
-                return False
-            self._pending.add(key)
-        try:
-            self._queue.put_nowait((key, layout, data))
-        except queue.Full:
-            with self._lock:
-                self._pending.discard(key)
-            self.stats.dropped += 1
+    def put(self, key: bytes, layout: ChunkLayout, data: Payload) -> bool:
+        if key in self._index:
+            data.release()
             return False
-        return True
+        return self.writer.submit(key, layout, data)
 
-    def flush(self) -> None:
-        """Wait until every queued write has finished (or failed), gate or not."""
-        self._flushing.set()
-        try:
-            self._queue.join()
-        finally:
-            self._flushing.clear()
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.writer.flush(timeout)
 
-    def _wait_for_turn(self) -> None:
-        """Return once the gate has been seen open for IDLE_SETTLE_S without closing (a gap
-        between two back-to-back requests is not idleness), or a flush or a half-full queue
-        says go. While it stays open, the queued writes then follow each other at once."""
-        if self.gate is None:
-            return
-        while not (self._flushing.is_set() or self._queue.qsize() >= self._queue.maxsize // 2):
-            if not self.gate.is_set():
-                self._open_since = None
-                self.gate.wait(0.05)
-                continue
-            now = time.monotonic()
-            if self._open_since is None:
-                self._open_since = now
-            if now - self._open_since >= IDLE_SETTLE_S:
-                return
-            time.sleep(min(0.05, self._open_since + IDLE_SETTLE_S - now))
-
-    def close(self) -> None:
-        self.flush()
-        for _ in self._threads:
-            self._queue.put(_STOP)
-        for t in self._threads:
-            t.join()
-
-    def _work(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except OSError:
-            pass
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                key, layout, data = item
-                self._wait_for_turn()
-                try:
-                    with data() if callable(data) else nullcontext(data) as tensor:
-                        if tensor is None:
-                            self.stats.dropped += 1
-                        else:
-                            self._write(key, layout, tensor)
-                finally:
-                    with self._lock:
-                        self._pending.discard(key)
-            except Exception:  # a bug must not kill the writer: log it, drop the store
-                self.stats.write_errors += 1
-                log.exception("lmcache-sgl disk tier: a store failed")
-            finally:
-                self._queue.task_done()
+    def close(self, timeout: float | None = None) -> bool:
+        done = self.writer.close(timeout)
+        os.close(self._lock_fd)
+        return done
 
     def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
-        tmp = self._file(key) + f".{threading.get_ident()}.tmp"
+        """The writer's sink: encode, make room, write atomically."""
         parts = encode(key, layout, data, self.codec, self.level)
         size = sum(len(memoryview(p).cast("B")) for p in parts)
         with self._lock:
-            while self._used + size > self.capacity_bytes and self._evict_one():
+            while self._used + size > self.capacity_bytes and self._evict_one() is not None:
                 pass
             if self._used + size > self.capacity_bytes:  # too big, or the rest is protected or in flight
-                self.stats.dropped += 1
+                self.metrics.inc("dropped_writes_total", reason="disk_budget")
                 return
             self._used += size  # reserved, so concurrent writers respect the budget
-        try:
-            _write_file(tmp, parts)
-            os.replace(tmp, self._file(key))
-        except OSError as e:
-            with self._lock:
-                self._used -= size
-            _unlink(tmp)
-            self.stats.write_errors += 1
-            log.warning("lmcache-sgl disk tier: dropped a store to %s: %s", self.path, e)
-            return
+        tmp = f"{self._file(key)}.{threading.get_native_id()}.tmp"
+        for attempt in range(_ENOSPC_RETRIES + 1):
+            try:
+                _write_file(tmp, parts)
+                os.replace(tmp, self._file(key))
+                break
+            except OSError as e:
+                _unlink(tmp)
+                if e.errno == errno.ENOSPC and attempt < _ENOSPC_RETRIES and self._free_space(size):
+                    continue
+                with self._lock:
+                    self._used -= size
+                reason = "disk_full" if e.errno == errno.ENOSPC else "io_error"
+                self.metrics.inc("dropped_writes_total", reason=reason)
+                self._io_errors.warn(reason, "dropped a chunk: %s", e)
+                return
         with self._lock:
             self._index[key] = size
-        self.stats.stores += 1
-        self.stats.bytes_stored += size
+        self.metrics.inc("stored_chunks_total", tier=self.name)
+        self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
+
+    def _free_space(self, size: int) -> bool:
+        """The disk is full below the budget: evict at least `size` bytes of our own
+        files, least recently used first. False if nothing could be evicted."""
+        freed, evicted = 0, False
+        with self._lock:
+            while freed < size and (got := self._evict_one()) is not None:
+                freed, evicted = freed + got, True
+        return evicted
 
     # ---- reads -------------------------------------------------------------------
     def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
-        """Read and verify the chunk into `out`; False on a miss or a bad frame. `parallel`:
-        see codec.decode_into."""
+        """See ColdTier.get_into; `parallel`: see codec.decode_into."""
         with self._lock:
             hit = key in self._index
             if hit:
                 self._index.move_to_end(key)
         if not hit:
-            self.stats.misses += 1
             return False
         try:
-            with open(self._file(key), "rb", buffering=0) as f:
-                frame = bytearray(os.fstat(f.fileno()).st_size)
-                f.readinto(frame)
+            frame = _read_regular_file(self._file(key))
             decode_into(frame, key, layout, out, parallel=parallel)
         except (OSError, FrameError) as e:
             self._drop(key)
-            self.stats.misses += 1
             if isinstance(e, FrameError):
-                self.stats.corrupt += 1
-                log.warning("lmcache-sgl disk tier: dropped a bad frame %s: %s", self._file(key), e)
+                self.metrics.inc("corrupt_frames_total", tier=self.name)
+                self._io_errors.warn("corrupt", "dropped a bad frame %s: %s", self._file(key), e)
             return False
-        self.stats.hits += 1
-        self.stats.bytes_read += len(frame)
         return True
 
     def clear(self) -> None:
-        """Delete every file of this tier."""
+        """Delete every unprotected file of this tier."""
         self.flush()
         with self._lock:
-            while self._evict_one():
-                pass
+            for key in [k for k in self._index if k not in self._protected]:
+                self._used -= self._index.pop(key)
+                _unlink(self._file(key))
+
+
+def _claim_directory(path: str) -> int:
+    """Create `path` (0700) or check that it is safely ours, then take its lock; the
+    lock's file descriptor. Raises DiskDirectoryError."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise DiskDirectoryError(f"lmcache-sgl disk tier: cannot create {path!r}: {e.strerror or e}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise DiskDirectoryError(f"lmcache-sgl disk tier: {path!r} is not a directory (a symlink is refused too)")
+    if st.st_uid != os.geteuid():
+        raise DiskDirectoryError(f"lmcache-sgl disk tier: {path!r} belongs to another user (uid {st.st_uid})")
+    if st.st_mode & 0o022:
+        raise DiskDirectoryError(
+            f"lmcache-sgl disk tier: {path!r} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            "chmod 700 it or choose another local_disk"
+        )
+    os.chmod(path, 0o700)
+    lock = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DiskDirectoryError(
+            f"lmcache-sgl disk tier: {path!r} is in use by another live process (pid {owner}); "
+            "give each server its own local_disk"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _read_regular_file(path: str) -> bytearray:
+    """The whole file; OSError if it is not a regular file (never follows a link, never
+    blocks on a FIFO or device)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        frame = bytearray(st.st_size)
+        view, got = memoryview(frame), 0
+        while got < len(frame):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+        return frame if got == len(frame) else frame[:got]
+    finally:
+        os.close(fd)
 
 
 def _write_file(path: str, parts: list) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         views = [memoryview(p).cast("B") for p in parts]
         total = sum(len(v) for v in views)

@@ -1,132 +1,192 @@
-"""TierStack: the CPU and disk tiers seen as one store of chunks.
+"""TierStack: a hot tier and an ordered list of cold tiers seen as one store of chunks.
 
 lookup answers how many *leading* chunks of a key list are present in some tier. get
-returns a chunk pinned in the CPU tier, promoting it from disk when needed. Under
-write_back, chunks evicted from the CPU tier are demoted to disk; under write_through,
-every store also goes to disk at once.
+returns a chunk pinned in the hot tier, promoting it from the first cold tier that has
+it (or, without a hot tier, in a scratch buffer). Under write_through every store also
+goes to every cold tier (the writer borrows the hot tier's copy, which stays pinned
+until it is written, so no chunk is dropped because the hot tier evicted it first);
+under write_back, chunks the hot tier evicts are demoted to the cold tiers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 from ..codec import ChunkLayout
+from ..lograte import RateLimitedLog
+from ..metrics import CacheMetrics
+from .base import ColdTier, Held, Payload, Tier
 from .cpu import CpuTier
-from .disk import DiskTier
+
+log = logging.getLogger("lmcache_sgl")
+
+
+class Hit(NamedTuple):
+    data: torch.Tensor  # the chunk's verified bytes, valid until release(key)
+    tier: str  # where they came from
+
+
+class Protection(NamedTuple):
+    """Opaque handle of TierStack.protect."""
+
+    held: tuple[tuple[Tier, Held], ...]
 
 
 class TierStack:
-    def __init__(self, cpu: CpuTier | None, disk: DiskTier | None, write_through: bool = False) -> None:
-        if cpu is None and disk is None:
+    def __init__(
+        self, hot: CpuTier | None, cold: Sequence[ColdTier] = (), *, write_through: bool = True,
+        metrics: CacheMetrics | None = None,
+    ) -> None:
+        if hot is None and not cold:
             raise ValueError("a TierStack needs at least one tier")
-        self.cpu, self.disk, self.write_through = cpu, disk, write_through
-        if cpu is not None and disk is not None and not write_through:
-            cpu.on_evict = self._demote
-        self._scratch: dict[bytes, torch.Tensor] = {}  # chunks handed out by a CPU-less stack
+        self.hot, self.cold, self.write_through = hot, list(cold), write_through
+        self.tiers: list[Tier] = ([hot] if hot is not None else []) + self.cold
+        self.metrics = metrics if metrics is not None else CacheMetrics()
+        if hot is not None and self.cold and not write_through:
+            hot.on_evict = self._demote
+        self._scratch: dict[bytes, torch.Tensor] = {}  # chunks handed out by a stack without a hot tier
+        self._errors = RateLimitedLog(log, "lmcache-sgl tiers")
 
-    def _demote(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
-        assert self.disk is not None
-        if key not in self.disk:
-            self.disk.put(key, layout, data.clone())  # the slab is reused as soon as we return
+    def _demote(self, key: bytes, layout: ChunkLayout, copy: torch.Tensor) -> None:
+        for tier in self.cold:
+            tier.put(key, layout, Payload(copy, copy.numel()))
 
     def contains(self, key: bytes) -> bool:
-        return (self.cpu is not None and key in self.cpu) or (self.disk is not None and key in self.disk)
+        return any(key in tier for tier in self.tiers)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Number of leading keys present in some tier (a hint: a later get may still miss)."""
-        for i, key in enumerate(keys):
-            if not self.contains(key):
-                return i
-        return len(keys)
+        return len(self.lookup_tiers(keys))
 
-    def protect(self, keys: Sequence[bytes]) -> list[str]:
-        """Keep the leading present keys from eviction until unprotect; returns, per key
-        protected, the tier that holds it (pass it back to unprotect)."""
-        held = []
-        for key in keys:
-            if self.cpu is not None and self.cpu.protect(key):
-                held.append("cpu")
-            elif self.disk is not None and self.disk.protect(key):
-                held.append("disk")
-            else:
+    def lookup_tiers(self, keys: Sequence[bytes]) -> list[str]:
+        """For each leading key present in some tier, the name of a tier holding it."""
+        found: list[str] = []
+        while len(found) < len(keys):
+            rest = keys[len(found) :]
+            step, tier = max((tier.count_present(rest), -i) for i, tier in enumerate(self.tiers))
+            if step == 0:
                 break
-        return held
+            found += [self.tiers[-tier].name] * step
+        return found
 
-    def unprotect(self, keys: Sequence[bytes], tiers: Sequence[str]) -> None:
-        for key, tier in zip(keys, tiers):
-            if tier == "cpu":
-                assert self.cpu is not None
-                self.cpu.unpin(key)
-            else:
-                assert self.disk is not None
-                self.disk.unprotect(key)
+    def protect(self, keys: Sequence[bytes]) -> Protection | None:
+        """Keep every key from eviction, each in the first tier that holds it, until
+        unprotect(handle); None (and nothing kept) if some key is in no tier."""
+        held, rest = [], list(keys)
+        for tier in self.tiers:
+            if not rest:
+                break
+            got = tier.protect(rest)
+            if got.keys:
+                held.append((tier, got))
+                taken = set(got.keys)
+                rest = [k for k in rest if k not in taken]
+        handle = Protection(tuple(held))
+        if rest:
+            self.unprotect(handle)
+            return None
+        return handle
 
-    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None]) -> bool:
-        """Store a chunk whose bytes `fill(buffer)` writes; False if it was already stored."""
+    def unprotect(self, handle: Protection) -> None:
+        for tier, held in handle.held:
+            tier.unprotect(held)
+
+    def store(self, key: bytes, layout: ChunkLayout, fill) -> bool:
+        """Store a chunk whose bytes `fill(buffer)` writes; False if it was already stored
+        or no tier took it."""
         if self.contains(key):
             return False
-        if self.cpu is not None:
-            stored = self.cpu.store(key, layout, fill)
-            if stored and self.write_through and self.disk is not None:
-                # The writer reads the CPU copy when it gets to it; gone by then means dropped.
-                self.disk.put(key, layout, lambda: self.cpu.borrow(key, layout))
-            if stored or self.disk is None:
-                return stored
-        data = torch.empty(layout.nbytes, dtype=torch.uint8)  # no room in CPU memory: straight to disk
-        fill(data)
-        assert self.disk is not None
-        return self.disk.put(key, layout, data)
+        if self.hot is not None and self.hot.store(key, layout, fill):
+            for tier in self.cold if self.write_through else ():
+                lease = self.hot.lease(key, layout)
+                if lease is not None:
+                    tier.put(key, layout, lease)
+            return True
+        if not self.cold:
+            self.metrics.inc("dropped_writes_total", reason="cpu_full")
+            return False
+        copy = torch.empty(layout.nbytes, dtype=torch.uint8)  # no room in the hot tier: a copy for the cold ones
+        fill(copy)
+        return any([tier.put(key, layout, Payload(copy, layout.nbytes)) for tier in self.cold])
 
-    def get(self, key: bytes, layout: ChunkLayout, *, parallel: bool = True) -> torch.Tensor | None:
+    def get(self, key: bytes, layout: ChunkLayout, *, parallel: bool = True) -> Hit | None:
         """The chunk's verified bytes, valid until release(key); None on a miss. A chunk
-        read from disk is decoded on every core when `parallel`."""
-        if self.cpu is not None:
-            data = self.cpu.pin(key, layout)
+        read from a cold tier is promoted into the hot one (decoded on every core when
+        `parallel`)."""
+        if self.hot is not None:
+            data = self.hot.pin(key, layout)
             if data is not None:
-                return data
-        if self.disk is None or key not in self.disk:
-            return None
-        if self.cpu is not None:
-            try:
-                if self.cpu.store(key, layout, lambda buf: self._read_disk(key, layout, buf, parallel)):
-                    return self.cpu.pin(key, layout)
-            except _Miss:
-                return None
-        scratch = torch.empty(layout.nbytes, dtype=torch.uint8)
-        if not self.disk.get_into(key, layout, scratch, parallel=parallel):
-            return None
-        self._scratch[key] = scratch
-        return scratch
+                return self._hit(Hit(data, self.hot.name), layout)
+        for tier in self.cold:
+            if not tier.count_present([key]):
+                continue
+            if self.hot is not None:
+                try:
+                    if self.hot.store(key, layout, lambda buf: self._read(tier, key, layout, buf, parallel)):
+                        data = self.hot.pin(key, layout)
+                        if data is not None:
+                            return self._hit(Hit(data, tier.name), layout)
+                        continue
+                except _Miss:
+                    continue
+            scratch = torch.empty(layout.nbytes, dtype=torch.uint8)  # no hot tier, or no room in it
+            if tier.get_into(key, layout, scratch, parallel=parallel):
+                self._scratch[key] = scratch
+                return self._hit(Hit(scratch, tier.name), layout)
+        return None
 
-    def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]]) -> list[torch.Tensor | None]:
-        """get() of every (key, layout); chunks that come from disk are read and decoded
-        concurrently, each on one core (nesting the block-parallel decode under this cost
-        ~10% more). Release each one that is not None."""
-        if self.disk is None or len(items) < 2:
-            return [self.get(key, layout) for key, layout in items]
-        return list(_readers().map(lambda item: self.get(*item, parallel=False), items))
+    def _hit(self, hit: Hit, layout: ChunkLayout) -> Hit:
+        self.metrics.inc("load_bytes_total", layout.nbytes, tier=hit.tier)
+        return hit
 
-    def _read_disk(self, key: bytes, layout: ChunkLayout, buf: torch.Tensor, parallel: bool) -> None:
-        assert self.disk is not None
-        if not self.disk.get_into(key, layout, buf, parallel=parallel):
+    @staticmethod
+    def _read(tier: ColdTier, key: bytes, layout: ChunkLayout, buf: torch.Tensor, parallel: bool) -> None:
+        if not tier.get_into(key, layout, buf, parallel=parallel):
             raise _Miss()
 
+    def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]]) -> list[Hit | None]:
+        """get() of every (key, layout); a tier that raises costs that chunk (None, logged).
+        Chunks that come from cold tiers are read and decoded concurrently, each on one
+        core. Release each one that is not None."""
+        if not self.cold or len(items) < 2:
+            return [self._get_or_none(key, layout, True) for key, layout in items]
+        return list(_readers().map(lambda item: self._get_or_none(*item, False), items))
+
+    def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool) -> Hit | None:
+        try:
+            return self.get(key, layout, parallel=parallel)
+        except Exception as e:  # a broken tier is a miss, never data and never a crash
+            self._errors.warn("get", "a chunk read failed, counted as a miss: %r", e)
+            return None
+
     def release(self, key: bytes) -> None:
-        """Undo one get(key)."""
+        """Undo one get(key) that returned a Hit."""
         if self._scratch.pop(key, None) is None:
-            assert self.cpu is not None
-            self.cpu.unpin(key)
+            assert self.hot is not None
+            self.hot.unpin(key)
 
-    def flush(self) -> None:
-        if self.disk is not None:
-            self.disk.flush()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the cold tiers' queued writes; False if `timeout` ran out."""
+        return all([tier.flush(timeout) for tier in self.cold])
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {name: tier.stats.as_dict() for name, tier in (("cpu", self.cpu), ("disk", self.disk)) if tier is not None}
+    def clear(self) -> None:
+        for tier in self.tiers:
+            tier.clear()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush the cold tiers (at most `timeout` seconds each) and stop them."""
+        return all([tier.close(timeout) for tier in self.cold])
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        return {tier.name: tier.usage() for tier in self.tiers}
+
+    def describe(self) -> str:
+        return ", ".join(tier.describe() for tier in self.tiers)
 
 
 _reader_pool: ThreadPoolExecutor | None = None
@@ -140,4 +200,4 @@ def _readers() -> ThreadPoolExecutor:
 
 
 class _Miss(Exception):
-    """A promotion whose disk read failed: the CPU slab is given back."""
+    """A promotion whose read failed: the hot tier's slab is given back."""
