@@ -3,12 +3,20 @@
 Every series has a fixed name and a fixed label; a name, label or label value not in
 the tables below raises at the call, so a typo cannot create a series. Exported names
 carry the prefix `lmcache_sgl_`.
+
+Export (install_exporter, with SGLang's --enable-metrics): SGLang serves /metrics from
+its HTTP process while the cache lives in the scheduler process, so, like SGLang's own
+scheduler metrics, ours are written with prometheus_client's multiprocess mode (files
+under PROMETHEUS_MULTIPROC_DIR, which SGLang sets before it starts the scheduler).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -154,3 +162,95 @@ class CacheMetrics:
         with self._lock:
             self._sinks = (*self._sinks, sink)
             return {name: dict(values) for name, values in self._counters.items()}
+
+
+log = logging.getLogger("lmcache_sgl")
+
+
+class PrometheusExporter:
+    """Writes a CacheMetrics into prometheus_client metrics named PREFIX + name, each with
+    the constant `labels` (e.g. model_name, tp_rank) besides its own.
+
+    Counters and histograms are written at each increment or observation (counters start
+    from the totals at construction), gauges every `interval` seconds by a daemon thread.
+    Gauges use multiprocess_mode "livesum": bytes held by distinct processes (TP ranks,
+    DP replicas) add up. The metrics are not registered in any registry: in multiprocess
+    mode SGLang's /metrics reads them from PROMETHEUS_MULTIPROC_DIR. A failing write is
+    logged once and never reaches the caller (a load or store)."""
+
+    def __init__(self, metrics: CacheMetrics, labels: dict[str, str], interval: float = 1.0) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self._labels = dict(labels)
+        names = list(self._labels)
+        self._metrics = metrics
+        self._prom = {}
+        for name, s in SERIES.items():
+            labelnames = names + ([s.label] if s.label else [])
+            full = PREFIX + name
+            if s.kind == "counter":
+                self._prom[name] = Counter(full, s.help, labelnames, registry=None)
+            elif s.kind == "histogram":
+                self._prom[name] = Histogram(full, s.help, labelnames, registry=None, buckets=BUCKETS)
+            else:
+                self._prom[name] = Gauge(full, s.help, labelnames, registry=None, multiprocess_mode="livesum")
+        self._failed = False
+        for name, values in metrics.attach(self).items():
+            for label, value in values.items():
+                self.inc(name, value, label)
+        self.export_gauges()
+        threading.Thread(target=self._run, args=(interval,), name="lmcache-sgl-metrics", daemon=True).start()
+
+    def _series(self, name: str, label: str | None):
+        own = {SERIES[name].label: label} if label is not None else {}
+        return self._prom[name].labels(**self._labels, **own)
+
+    def _failure(self) -> None:
+        if not self._failed:
+            self._failed = True
+            log.exception("lmcache-sgl: writing Prometheus metrics failed (further failures are not logged)")
+
+    def inc(self, name: str, value: float, label: str | None) -> None:
+        try:
+            self._series(name, label).inc(value)
+        except Exception:
+            self._failure()
+
+    def observe(self, name: str, seconds: float) -> None:
+        try:
+            self._series(name, None).observe(seconds)
+        except Exception:
+            self._failure()
+
+    def export_gauges(self) -> None:
+        """Set the gauges to the CacheMetrics' current values."""
+        try:
+            for name, by_tier in self._metrics.gauges().items():
+                for tier, value in by_tier.items():
+                    self._series(name, tier).set(value)
+        except Exception:
+            self._failure()
+
+    def _run(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.export_gauges()
+
+
+def install_exporter(metrics: CacheMetrics) -> None:
+    """In an SGLang scheduler process: export `metrics` when the server runs with
+    --enable-metrics, from the schedulers that export SGLang's own scheduler metrics
+    (attention TP rank 0, or all with --enable-metrics-for-all-schedulers), labeled
+    model_name and tp_rank as those are. Otherwise (and without PROMETHEUS_MULTIPROC_DIR,
+    where /metrics could not see them) a no-op."""
+    from sglang.srt.runtime_context import get_observability, get_parallel, get_serving
+
+    observability, parallel = get_observability(), get_parallel()
+    if not observability.enable_metrics:
+        return
+    if not (parallel.attn_tp_rank == 0 and parallel.attn_cp_rank == 0) and not observability.enable_metrics_for_all_schedulers:
+        return
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        log.warning("lmcache-sgl: PROMETHEUS_MULTIPROC_DIR is not set, so its metrics are not exported")
+        return
+    PrometheusExporter(metrics, {"model_name": str(get_serving().served_model_name), "tp_rank": str(parallel.tp_rank)})

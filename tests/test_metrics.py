@@ -1,10 +1,16 @@
 """CacheMetrics: names and labels are checked at the call; concurrent increments are exact."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmcache_sgl.metrics import CacheMetrics
 
@@ -136,3 +142,67 @@ def test_concurrent_increments_sum_exactly(per_thread, attach_after):
     assert {tier: start["load_bytes_total"].get(tier, 0) + forwarded[tier] for tier in expected} == expected
     forwarded_lookups = sum(v for n, v, _ in sink.incs if n == "lookup_requested_tokens_total")
     assert start["lookup_requested_tokens_total"].get(None, 0) + forwarded_lookups == sum(expected.values())
+
+
+# ---- export to Prometheus (multiprocess mode, as in SGLang) ------------------------
+
+WRITER = """
+import sys, time
+from lmcache_sgl.metrics import CacheMetrics, PrometheusExporter
+
+m = CacheMetrics()
+m.inc("stored_chunks_total", 2, tier="cpu")  # before the exporter exists
+usage = {"cpu": 100}
+m.set_gauges(lambda: {"usage_bytes": dict(usage), "capacity_bytes": {"cpu": 1000}})
+PrometheusExporter(m, {"model_name": "tiny", "tp_rank": sys.argv[1]}, interval=0.05)
+m.inc("stored_chunks_total", 3, tier="cpu")
+m.inc("lookup_requested_tokens_total", 7)
+m.inc("failed_loads_total", reason="missing")
+m.observe("load_seconds", 0.003)
+m.observe("load_seconds", 0.2)
+usage["cpu"] = 300  # exported by the gauge thread
+time.sleep(0.5)
+print("done")
+"""
+
+
+def run_writer(multiproc_dir, tp_rank):
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)}
+    return subprocess.run([sys.executable, "-c", WRITER, tp_rank], env=env, capture_output=True, text=True, timeout=60)
+
+
+def scrape(multiproc_dir) -> dict:
+    """What SGLang's /metrics serves from the directory: {(sample name, labels): value}."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc_dir))
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+
+
+def series(tp_rank, **labels):
+    return frozenset({"model_name": "tiny", "tp_rank": tp_rank, **labels}.items())
+
+
+def test_exported_series_from_several_processes(tmp_path):
+    for tp_rank in ("0", "0", "1"):  # two processes with the same labels, one other rank
+        done = run_writer(tmp_path, tp_rank)
+        assert done.returncode == 0 and "done" in done.stdout, done.stderr
+    got = scrape(tmp_path)
+    assert got[("lmcache_sgl_stored_chunks_total", series("0", tier="cpu"))] == 10  # 2 before + 3 after, twice
+    assert got[("lmcache_sgl_stored_chunks_total", series("1", tier="cpu"))] == 5
+    assert got[("lmcache_sgl_lookup_requested_tokens_total", series("1"))] == 7
+    assert got[("lmcache_sgl_failed_loads_total", series("1", reason="missing"))] == 1
+    assert got[("lmcache_sgl_load_seconds_count", series("1"))] == 2
+    assert got[("lmcache_sgl_load_seconds_sum", series("1"))] == pytest.approx(0.203)
+    assert got[("lmcache_sgl_load_seconds_bucket", series("1", le="0.005"))] == 1
+    assert got[("lmcache_sgl_load_seconds_bucket", series("1", le="0.25"))] == 2
+    assert got[("lmcache_sgl_usage_bytes", series("0", tier="cpu"))] == 600  # livesum over the two processes
+    assert got[("lmcache_sgl_usage_bytes", series("1", tier="cpu"))] == 300
+    assert got[("lmcache_sgl_capacity_bytes", series("1", tier="cpu"))] == 1000
+    assert not any(name.startswith("lmcache_sgl_store_seconds") and value for (name, _), value in got.items())
+
+
+def test_a_failing_export_never_reaches_the_caller(tmp_path):
+    done = run_writer(tmp_path / "missing", "0")  # the directory does not exist: every write fails
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr
+    assert done.stderr.count("writing Prometheus metrics failed") == 1

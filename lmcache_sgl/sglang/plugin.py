@@ -16,6 +16,7 @@ import torch
 from ..config import load_config
 from ..engine import CacheEngine, KVPoolView, mark_idle
 from ..keys import model_fingerprint
+from ..metrics import install_exporter
 
 log = logging.getLogger("lmcache_sgl")
 BACKEND = "lmcache_sgl"
@@ -102,6 +103,7 @@ def build_cache(ctx):
     # expose them (node_by_id is not ported), the Python one does.
     ctx.params.tree_core_backend = "python"
     cache = LMCacheRadixCache(ctx.params, engine)
+    install_exporter(engine.metrics)
     stack = engine.stack
     tiers = []
     if stack.cpu is not None:
