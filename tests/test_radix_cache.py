@@ -1,6 +1,8 @@
 """LMCacheRadixCache on SGLang's real tree, pool and allocator (CPU): KV that SGLang
 evicts is spilled to the tiers and, when the prefix comes back, loaded into new slots
-bit for bit; namespaces never share; failed loads fall back to recompute."""
+bit for bit; namespaces never share; failed loads fall back to recompute; a streaming
+session's row is never extended from the tiers; nothing the engine raises reaches the
+scheduler or leaks slots or protections."""
 
 from array import array
 from types import SimpleNamespace
@@ -9,13 +11,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req, ReqKvInfo
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
+from sglang.srt.runtime_context import get_context
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 from lmcache_sgl.config import LMCacheConfig
 from lmcache_sgl.engine import CacheEngine
@@ -25,7 +31,7 @@ from lmcache_sgl.sglang.radix_cache import LMCacheRadixCache
 POOL_TOKENS = 1024
 
 
-def make_cache(tmp_path, page_size=1, mla=False, **config):
+def make_cache(tmp_path, page_size=1, mla=False, tp=None, tp_rank=0, **config):
     if mla:
         pool = MLATokenToKVPool(POOL_TOKENS, page_size=page_size, dtype=torch.bfloat16, kv_lora_rank=32,
                                 qk_rope_head_dim=16, layer_num=2, device="cpu", enable_memory_saver=False)
@@ -42,10 +48,12 @@ def make_cache(tmp_path, page_size=1, mla=False, **config):
     )
     defaults = dict(chunk_size=16 * page_size, max_local_cpu_size=0.01, local_disk=str(tmp_path / "disk"),
                     max_local_disk_size=0.01)
-    engine = CacheEngine(LMCacheConfig(**{**defaults, **config}).validated(page_size), pool_view(pool), b"m" * 16)
+    tp_size = 1 if tp is None else tp.size
+    engine = CacheEngine(LMCacheConfig(**{**defaults, **config}).validated(page_size), pool_view(pool), b"m" * 16,
+                         tp_rank=tp_rank, tp_size=tp_size)
     for buf in engine.pool.buffers:
         buf.normal_()
-    return LMCacheRadixCache(params, engine)
+    return LMCacheRadixCache(params, engine, tp)
 
 
 def insert(cache, tokens, extra_key=None, salt=None):
@@ -59,7 +67,55 @@ def kv_of(cache, slots):
 
 
 def request(rid):
-    return SimpleNamespace(rid=rid, session=None)
+    return SimpleNamespace(rid=rid, session=None, kv=ReqKvInfo())
+
+
+def stored_tokens(cache, tokens):
+    """Leading tokens of `tokens` the tiers hold."""
+    engine = cache.engine
+    return engine.hit_length(engine.chunks(engine.seed(), tokens))
+
+
+def protections(cache):
+    """Chunk pins and protections the tiers hold, once queued disk writes (which pin
+    their CPU copies) are done."""
+    stack = cache.engine.stack
+    assert stack.flush(30)
+    hot = sum(e.pins for e in stack.hot._entries.values()) if stack.hot is not None else 0
+    return hot + sum(sum(tier._protected.values()) for tier in stack.cold)
+
+
+@pytest.fixture
+def sglang_config():
+    """A published (default) SGLang config, which real requests read when released."""
+    with get_context().override_server_args():
+        yield
+
+
+def serve(cache, tokens, rid, session=None):
+    """A real Req through what SGLang's scheduler does with it: match, load back, lock,
+    row allocation (handed to its streaming session, if any), checkpoint, finish, release.
+    Returns how many of its tokens came from the cache."""
+    req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", tokens),
+              sampling_params=SamplingParams(max_new_tokens=1))
+    req.session = session
+    req.init_next_round_input(cache)
+    if req.host_hit_length > 0:
+        params = InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
+        loaded, req.last_node = cache.init_load_back(params)
+        req.prefix_len += loaded
+    req.lock = cache.lock(req.last_node)
+    reused = req.prefix_len
+    prefix = cache.prefix_device_indices(req).to(torch.int64)
+    cache.req_to_token_pool.alloc([req])
+    new = cache.token_to_kv_pool_allocator.alloc(len(tokens) - req.prefix_len).to(torch.int64)
+    cache.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, len(tokens))), torch.cat([prefix, new]).to(torch.int32))
+    req.kv.kv_allocated_len = req.kv.kv_committed_len = req.extend_end = len(tokens)
+    cache.maybe_hand_to_session(req)
+    checkpoint_kv_cache(req, cache)
+    req.finished_reason = FINISH_LENGTH(length=0)
+    release_kv_cache(req, cache, checkpoint=True)
+    return reused
 
 
 def revisit(cache, tokens, rid="r", extra_key=None, salt=None):
@@ -121,8 +177,8 @@ def test_a_corrupt_chunk_falls_back_to_recompute(tmp_path):
     tokens = list(range(7, 107))
     insert(cache, tokens)
     cache.evict(EvictParams(num_tokens=POOL_TOKENS))
-    cache.engine.stack.flush()
-    disk = cache.engine.stack.disk
+    assert cache.engine.stack.flush(30)
+    disk = cache.engine.stack.cold[0]
     victim = tmp_path / "disk" / (disk.keys()[0].hex() + ".lmsg")
     data = bytearray(victim.read_bytes())
     data[-40] ^= 1
@@ -130,7 +186,7 @@ def test_a_corrupt_chunk_falls_back_to_recompute(tmp_path):
     free_before = cache.token_to_kv_pool_allocator.available_size()
     req, match, _ = revisit(cache, tokens)
     assert match.host_hit_length > 0 and req.prefix_len == 0  # promised, then declined: recompute
-    assert cache.failed_loads == 1 and disk.stats.corrupt == 1
+    assert cache.failed_loads == 1 and cache.engine.metrics.snapshot()["corrupt_frames_total"] == {"disk": 1}
     assert cache.token_to_kv_pool_allocator.available_size() == free_before  # slots given back
 
 
@@ -142,8 +198,7 @@ def test_flush_keeps_the_tiers_and_clear_empties_them(tmp_path):
     req = request("pending")
     cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens), limit=99), req=req))
     cache.reset()  # /flush_cache: drops the promise and its pins, keeps the data
-    cache.engine.stack.flush()  # (the disk writer borrows CPU entries while it encodes them)
-    assert all(e.pins == 0 for e in cache.engine.stack.cpu._entries.values())
+    assert protections(cache) == 0
     assert revisit(cache, tokens)[0].prefix_len == 99
     assert cache.clear_storage_backend()
     cache.reset()
@@ -157,10 +212,10 @@ def test_locked_nodes_are_not_spilled_or_evicted(tmp_path):
     match = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens))))
     lock = cache.inc_lock_ref(match.last_device_node)
     cache.evict(EvictParams(num_tokens=POOL_TOKENS))
-    assert cache.engine.stored_chunks == 0 and match.device_prefix_len == 64
+    assert stored_tokens(cache, tokens) == 0 and match.device_prefix_len == 64
     cache.dec_lock_ref(match.last_device_node, lock.to_dec_params() if hasattr(lock, "to_dec_params") else lock)
     cache.evict(EvictParams(num_tokens=POOL_TOKENS))
-    assert cache.engine.stored_chunks == 4
+    assert stored_tokens(cache, tokens) == 64
 
 
 @pytest.mark.parametrize("save_unfull_chunk, expected", [(True, 99), (False, 96)])
@@ -170,3 +225,69 @@ def test_trailing_partial_chunk(tmp_path, save_unfull_chunk, expected):
     insert(cache, tokens)
     cache.evict(EvictParams(num_tokens=POOL_TOKENS))
     assert revisit(cache, tokens)[0].prefix_len == expected
+
+
+def test_a_session_row_is_never_extended_from_the_tiers(tmp_path, sglang_config):
+    cache = make_cache(tmp_path)
+    tokens = list(range(3000, 3100))
+    session = SimpleNamespace(session_id="s", streaming=True, finish_req=lambda req: None)
+    serve(cache, tokens[:20], "turn-1", session=session)  # the session keeps its 20-token row
+    serve(cache, tokens, "other")  # stores all 100 tokens
+    cache.evict(EvictParams(num_tokens=POOL_TOKENS))
+    assert stored_tokens(cache, tokens) == 100
+    turn = Req(rid="turn-2", origin_input_text="", origin_input_ids=array("q", tokens),
+               sampling_params=SamplingParams(max_new_tokens=1))
+    turn.session = session
+    turn.init_next_round_input(cache)
+    assert turn.kv.holds_kv and turn.prefix_len == 20  # the lent row
+    assert turn.host_hit_length == 0 and protections(cache) == 0
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("injected")
+
+
+# (object, method, failure kinds it must cause, tokens the revisit reuses)
+FAULTS = [
+    ("engine", "seed", {"lookup", "store"}, 0),
+    ("engine", "chunks", {"lookup", "store"}, 0),
+    ("engine", "hit_length", {"lookup"}, 0),
+    ("engine", "protect", {"lookup"}, 0),
+    ("engine", "load", {"load attempt", "load"}, 0),
+    ("stack", "get_many", {"load"}, 0),
+    ("stack", "scatter", {"load"}, 0),
+    ("engine", "store", {"store", "spill"}, 99),
+    ("engine", "unprotect", {"unprotect"}, 99),
+    ("allocator", "alloc", {"load attempt", "load"}, 0),
+]
+
+
+@pytest.mark.parametrize("where, method, kinds, reused", FAULTS, ids=[f"{w}.{m}" for w, m, *_ in FAULTS])
+def test_failures_never_reach_the_scheduler(tmp_path, sglang_config, monkeypatch, where, method, kinds, reused):
+    """Whatever the engine (or the allocator, for a load's slots) raises, the scheduler's
+    calls return; the revisit recomputes what could not be loaded; every slot goes back
+    to the allocator and no chunk stays protected."""
+    cache = make_cache(tmp_path)
+    tokens = list(range(4000, 4100))
+    serve(cache, tokens, "first")
+    cache.evict(EvictParams(num_tokens=POOL_TOKENS))
+    allocator = cache.token_to_kv_pool_allocator
+    free = allocator.available_size()
+    assert free == POOL_TOKENS
+    if where == "stack" and method == "scatter":
+        target, method = cache.engine, "_scatter"
+    else:
+        target = {"engine": cache.engine, "stack": cache.engine.stack, "allocator": allocator}[where]
+    if where == "allocator":  # only the load's allocation fails; the request's own row allocates
+        real, calls = allocator.alloc, []
+        monkeypatch.setattr(allocator, "alloc", lambda n: calls.append(n) or (_raise() if len(calls) == 1 else real(n)))
+    else:
+        monkeypatch.setattr(target, method, _raise)
+    got = serve(cache, tokens, "again")
+    cache.evict(EvictParams(num_tokens=POOL_TOKENS))
+    monkeypatch.undo()
+    assert got == reused
+    assert kinds <= set(cache.failures), cache.failures
+    assert allocator.available_size() == free
+    if method != "unprotect":  # (a tier that fails to unprotect keeps its protection)
+        assert protections(cache) == 0

@@ -10,13 +10,29 @@ managers/schedule_policy.py):
   prefix_device_indices  device path + the loaded slots; the request owns them and
                  checkpoint inserts them into the tree like computed KV.
   _evict_device_leaf     before a leaf's slots are freed, its chunks go to the tiers.
+
+A request that already holds a KV row (a streaming session's lent row, a later chunk)
+takes its prefix from that row, so the tiers are never offered for it.
+
+Failures: nothing raised in these paths (by the engine or here) reaches the scheduler.
+A lookup that fails is a miss, a load that fails frees its slots and is a recompute, a
+store or spill that fails is skipped; each is counted in `failures` and logged at most
+once a minute per kind.
+
+Tensor parallelism: the TP ranks of one scheduler run these calls identically (SGLang
+broadcasts the requests and schedules them the same way on every rank: the same
+match_prefix calls in the same order, and init_load_back, checkpoint and on_release
+are rank_consensus points), but each rank has its own tiers. The promised hit length
+and each load's success are therefore agreed by a MIN over the TP group before they
+are acted on, so every rank builds the same batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -25,6 +41,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackPara
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from ..engine import CacheEngine, Chunk
+from ..lograte import RateLimitedLog
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -33,14 +50,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmcache_sgl")
 
 
+class TPGroup:
+    """The TP ranks that share one scheduler's decisions (SGLang's CPU group of them,
+    `CacheInitParams.tp_cache_group`). `min` is a collective: every rank must call it at
+    the same point; with one rank (or no group) it exchanges nothing."""
+
+    def __init__(self, group: Optional[torch.distributed.ProcessGroup]) -> None:
+        self.group = group
+        self.size = 1 if group is None else torch.distributed.get_world_size(group=group)
+
+    def min(self, value: int) -> int:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+
 @dataclass
 class _PendingLoad:
-    """A request's promised tier hit: tokens [device_len, hit_len) of `chunks`."""
+    """A request's agreed tier hit: tokens [device_len, hit_len) of `chunks`, for keys of
+    up to `key_len` tokens; the chunks stay protected while `protection` is held."""
 
     chunks: list[Chunk]
     device_len: int
     hit_len: int
-    protected_in: list[str] = field(default_factory=list)  # tier of each protected chunk; [] once released
+    key_len: int
+    protection: Optional[object]
     slots: Optional[torch.Tensor] = None  # set once loaded
 
 
@@ -49,11 +85,39 @@ def _token_array(token_ids) -> np.ndarray:
 
 
 class LMCacheRadixCache(UnifiedRadixCache):
-    def __init__(self, params: CacheInitParams, engine: CacheEngine) -> None:
+    def __init__(self, params: CacheInitParams, engine: CacheEngine, tp: Optional[TPGroup] = None) -> None:
+        """tp: the ranks to agree with; default SGLang's group in `params.tp_cache_group`."""
         self.engine = engine
+        self.tp = tp if tp is not None else TPGroup(params.tp_cache_group)
         self._pending: dict[str, _PendingLoad] = {}  # by request id
-        self.failed_loads = 0
+        self.failures: Counter[str] = Counter()  # by kind: lookup, load, store, spill, ...
+        self._errors = RateLimitedLog(log, "lmcache-sgl")
         super().__init__(params)  # calls reset()
+
+    @property
+    def failed_loads(self) -> int:
+        """Promised loads that were declined (the request recomputed those tokens)."""
+        return self.failures["load"]
+
+    def _failed(self, kind: str, error) -> None:
+        """Count a failure of this kind; log it (at most one line a minute per kind)."""
+        self.failures[kind] += 1
+        self._errors.warn(kind, "%s failed (%d so far): %r", kind, self.failures[kind], error)
+
+    def _agree(self, value: int, kind: str) -> int:
+        """MIN of `value` over the TP ranks; 0 (no hit, no load) if the exchange fails."""
+        try:
+            return self.tp.min(value)
+        except Exception as e:
+            self._failed(f"TP agreement on {kind}", e)
+            return 0
+
+    def _busy(self) -> None:
+        """A request is here: background writes step aside."""
+        try:
+            self.engine.idle.clear()
+        except Exception as e:
+            self._failed("idle signal", e)
 
     # ---- lookup ------------------------------------------------------------------
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -61,29 +125,48 @@ class LMCacheRadixCache(UnifiedRadixCache):
         req, key = params.req, params.key
         if req is None or self.disable or key.is_bigram:
             return result
-        self.engine.idle.clear()  # a request is here: background writes step aside
+        self._busy()
         pending = self._pending.get(req.rid)
         if pending is not None and pending.slots is not None:
             return result  # loaded already; the slots reach the request through prefix_device_indices
-        device_len = result.device_prefix_len
-        chunks = self._chunks(key)
-        hit = self._tier_hit(chunks, len(key), device_len)
-        if pending is not None and (pending.device_len, pending.hit_len) != (device_len, hit):
+        if req.kv.holds_kv:  # its row holds its prefix (a lent session row, a later chunk)
             self._forget(req.rid)
-            pending = None
+            return result
+        device_len = result.device_prefix_len
+        if pending is None or pending.device_len != device_len or pending.key_len < len(key):
+            self._forget(req.rid)
+            pending = self._agreed_hit(key, device_len)
+            if pending is not None:
+                self._pending[req.rid] = pending
+        hit = device_len if pending is None else min(pending.hit_len, len(key))
+        hit -= hit % self.page_size
         if hit <= device_len:
             return result
-        if pending is None:
-            pending = self._protect(chunks, device_len, hit)
-            if pending is None:
-                return result
-            self._pending[req.rid] = pending
         return result._replace(
             last_host_node=result.last_device_node,
             best_match_node=result.last_device_node,
-            host_hit_length=pending.hit_len - device_len,
-            full_kv_hit_length=max(result.full_kv_hit_length, pending.hit_len),
+            host_hit_length=hit - device_len,
+            full_kv_hit_length=max(result.full_kv_hit_length, hit),
         )
+
+    def _agreed_hit(self, key, device_len: int) -> Optional[_PendingLoad]:
+        """The hit beyond `device_len` that the tiers of every TP rank hold, its chunks
+        protected here; None (nothing protected) if there is none. A collective."""
+        pending = None
+        try:
+            chunks = self._chunks(key)
+            hit = self._tier_hit(chunks, len(key), device_len)
+            if hit > device_len:
+                pending = self._protect(chunks, device_len, hit, len(key))
+        except Exception as e:
+            self._failed("lookup", e)
+        agreed = self._agree(device_len if pending is None else pending.hit_len, "the hit length")
+        if pending is not None and agreed <= device_len:
+            self._unprotect(pending)
+            return None
+        if pending is not None:
+            pending.hit_len = agreed  # chunks past it stay protected until the request is done
+        return pending
 
     def _chunks(self, key) -> list[Chunk]:
         seed = self.engine.seed(key.extra_key, key.cache_salt)
@@ -94,18 +177,20 @@ class LMCacheRadixCache(UnifiedRadixCache):
         hit = min(self.engine.hit_length(chunks, known=device_len), limit)
         return hit - hit % self.page_size
 
-    def _protect(self, chunks: list[Chunk], device_len: int, hit: int) -> Optional[_PendingLoad]:
+    def _protect(self, chunks: list[Chunk], device_len: int, hit: int, key_len: int) -> Optional[_PendingLoad]:
         needed = [c for c in chunks if c.end > device_len and c.start < hit]
-        keys = [c.key for c in needed]
-        tiers = self.engine.stack.protect(keys)
-        if len(tiers) < len(keys):  # a chunk vanished since the lookup
-            self.engine.stack.unprotect(keys, tiers)
+        protection = self.engine.protect(needed)
+        if protection is None:  # a chunk vanished since the lookup
             return None
-        return _PendingLoad(needed, device_len, hit, tiers)
+        return _PendingLoad(needed, device_len, hit, key_len, protection)
 
     def _unprotect(self, pending: _PendingLoad) -> None:
-        self.engine.stack.unprotect([c.key for c in pending.chunks], pending.protected_in)
-        pending.protected_in = []
+        handle, pending.protection = pending.protection, None
+        if handle is not None:
+            try:
+                self.engine.unprotect(handle)
+            except Exception as e:
+                self._failed("unprotect", e)
 
     def _forget(self, rid: str) -> None:
         pending = self._pending.pop(rid, None)
@@ -114,32 +199,45 @@ class LMCacheRadixCache(UnifiedRadixCache):
 
     # ---- load --------------------------------------------------------------------
     def init_load_back(self, params: InitLoadBackParams):
-        req = params.req
+        req, count = params.req, params.host_hit_length
         pending = self._pending.get(req.rid) if req is not None else None
-        if pending is None or pending.slots is not None or params.host_hit_length != pending.hit_len - pending.device_len:
+        if pending is None or pending.slots is not None or not 0 < count <= pending.hit_len - pending.device_len:
             return 0, params.best_match_node
-        count = params.host_hit_length
-        allocator = self.token_to_kv_pool_allocator
         started = time.perf_counter()
-        if allocator.available_size() < count:
-            self.evict(EvictParams(num_tokens=count))
-        slots = allocator.alloc(count)
-        allocated = time.perf_counter()
-        loaded = slots is not None and self.engine.load(pending.chunks, pending.device_len, slots)
+        slots, loaded = self._load(pending, count)
+        loaded = self._agree(int(loaded), "a load") == 1  # every rank loaded, or none uses its load
         self._unprotect(pending)
         if not loaded:
-            if slots is not None:
-                allocator.free(slots)
+            self._free(slots)
             self._pending.pop(req.rid, None)
-            self.failed_loads += 1
-            log.warning("lmcache-sgl: could not load %d tokens for request %s; recomputing them", count, req.rid)
+            self._failed("load", f"{count} tokens for request {req.rid}, recomputed")
             return 0, params.best_match_node
-        pending.slots = slots
+        pending.slots, pending.hit_len = slots, pending.device_len + count
         log.info(
-            "lmcache-sgl: loaded %d tokens after a device hit of %d for request %s (allocation %.1f ms, load %.1f ms)",
-            count, pending.device_len, req.rid, 1e3 * (allocated - started), 1e3 * (time.perf_counter() - allocated),
+            "lmcache-sgl: loaded %d tokens after a device hit of %d for request %s (%.1f ms)",
+            count, pending.device_len, req.rid, 1e3 * (time.perf_counter() - started),
         )
         return count, params.best_match_node
+
+    def _load(self, pending: _PendingLoad, count: int) -> tuple[Optional[torch.Tensor], bool]:
+        """Allocate `count` slots and load this rank's tiers into them: (slots or None, success)."""
+        allocator, slots = self.token_to_kv_pool_allocator, None
+        try:
+            if allocator.available_size() < count:
+                self.evict(EvictParams(num_tokens=count))
+            slots = allocator.alloc(count)
+            return slots, slots is not None and bool(self.engine.load(pending.chunks, pending.device_len, slots))
+        except Exception as e:
+            self._failed("load attempt", e)
+            return slots, False
+
+    def _free(self, slots: Optional[torch.Tensor]) -> None:
+        if slots is None:
+            return
+        try:
+            self.token_to_kv_pool_allocator.free(slots)
+        except Exception as e:
+            self._failed("freeing load slots", e)
 
     def load_back_is_cache_owned(self) -> bool:
         return False  # loaded slots belong to the request until checkpoint inserts them
@@ -154,8 +252,11 @@ class LMCacheRadixCache(UnifiedRadixCache):
 
     # ---- store -------------------------------------------------------------------
     def checkpoint(self, req: Req, *, up_to: int, **kwargs) -> None:
-        self.engine.idle.clear()
-        self._store_request(req, up_to)
+        self._busy()
+        try:
+            self._store_request(req, up_to)
+        except Exception as e:
+            self._failed("store", e)
         super().checkpoint(req, up_to=up_to, **kwargs)
         pending = self._pending.get(req.rid)
         if pending is not None and pending.slots is not None:
@@ -182,8 +283,8 @@ class LMCacheRadixCache(UnifiedRadixCache):
     def _evict_device_leaf(self, node_id, tracker):
         try:
             self._spill(node_id)
-        except Exception:  # a failed spill costs a recompute later, never the eviction
-            log.exception("lmcache-sgl: spilling an evicted node failed")
+        except Exception as e:  # a failed spill costs a recompute later, never the eviction
+            self._failed("spill", e)
         return super()._evict_device_leaf(node_id, tracker)
 
     def _spill(self, node_id) -> None:
@@ -204,12 +305,16 @@ class LMCacheRadixCache(UnifiedRadixCache):
 
     # ---- lifecycle ---------------------------------------------------------------
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        super().on_release(req, checkpointed=checkpointed)
-        self._forget(req.rid)
+        try:
+            super().on_release(req, checkpointed=checkpointed)
+        finally:
+            self._forget(req.rid)
 
     def release_aborted_request(self, handle) -> None:
-        super().release_aborted_request(handle)
-        self._forget(handle.rid)
+        try:
+            super().release_aborted_request(handle)
+        finally:
+            self._forget(handle.rid)
 
     def reset(self) -> None:
         """Empty the device tree (e.g. /flush_cache); the tiers keep their data."""
