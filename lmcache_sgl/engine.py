@@ -95,6 +95,7 @@ class CacheEngine:
         self._namespace = Namespace(model_id, kv_dtype or pool.dtype, pool.describe(), tp_rank, tp_size)
         self._seeds: OrderedDict[tuple[str | None, str | None], bytes] = OrderedDict()  # LRU, at most MAX_SEEDS
         self._errors = RateLimitedLog(log, "lmcache-sgl")
+        self._closed = False
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         usage = self.stack.usage()
@@ -237,7 +238,10 @@ class CacheEngine:
 
     def close(self, timeout: float | None = None) -> bool:
         """Write what the cold tiers have queued (at most `timeout` seconds) and stop
-        them; False if writes were given up."""
+        them; False if writes were given up. Only the first call does anything."""
+        if self._closed:
+            return True
+        self._closed = True
         return self.stack.close(timeout)
 
     def stats(self) -> dict:
