@@ -32,10 +32,10 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def model_fingerprint(config: Mapping[str, Any], weight_shapes: Mapping[str, Sequence[int]]) -> bytes:
-    """Digest of a model's identity: its config and the names and shapes of its weights."""
-    shapes = {name: list(shape) for name, shape in weight_shapes.items()}
-    return _digest(b"model", _canonical(dict(config)), _canonical(shapes))
+def model_fingerprint(config: Mapping[str, Any], tensors: bytes) -> bytes:
+    """Digest of a model's identity: its config and a digest of its tensors (names,
+    dtypes, shapes and bytes; see sglang.plugin.tensors_digest)."""
+    return _digest(b"model", _canonical(dict(config)), tensors)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Namespace:
     """Everything besides the tokens that decides the KV of a chunk."""
 
     model: bytes  # model_fingerprint(...)
-    kv_dtype: str  # e.g. "bfloat16"
+    kv_dtype: str  # the logical KV dtype, e.g. "bfloat16" or "float8_e4m3fn/fp8_e4m3" (stored as uint8)
     kv_layout: str  # e.g. "mha:L32:H8:D128" or "mla:L27:D576"
     tp_rank: int = 0
     tp_size: int = 1

@@ -7,14 +7,14 @@ from hypothesis import strategies as st
 
 from lmcache_sgl.keys import KEY_BYTES, Namespace, chunk_keys, chunk_spans, model_fingerprint
 
-NS = Namespace(model=model_fingerprint({"layers": 2}, {"w": (4, 4)}), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4")
+NS = Namespace(model=model_fingerprint({"layers": 2}, b"w"), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4")
 tokens_st = st.lists(st.integers(0, 2**31 - 1), min_size=0, max_size=64)
 
 
 def _keys_in_subprocess(hashseed: str) -> str:
     code = (
         "from lmcache_sgl.keys import *;"
-        "ns = Namespace(model=model_fingerprint({'layers': 2}, {'w': (4, 4)}), kv_dtype='bfloat16', kv_layout='x');"
+        "ns = Namespace(model=model_fingerprint({'layers': 2}, b'w'), kv_dtype='bfloat16', kv_layout='x');"
         "print(','.join(k.hex() for k in chunk_keys(ns.digest(), list(range(100)), 16, partial=True)))"
     )
     env = dict(os.environ, PYTHONHASHSEED=hashseed)
@@ -51,8 +51,8 @@ def test_changing_a_token_changes_its_chunk_and_later_keys_only(tokens, chunk, d
 def test_namespaces_give_disjoint_keys(tokens):
     variants = [
         NS,
-        Namespace(model=model_fingerprint({"layers": 3}, {"w": (4, 4)}), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4"),
-        Namespace(model=model_fingerprint({"layers": 2}, {"w": (4, 5)}), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4"),
+        Namespace(model=model_fingerprint({"layers": 3}, b"w"), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4"),
+        Namespace(model=model_fingerprint({"layers": 2}, b"v"), kv_dtype="bfloat16", kv_layout="mha:L2:H1:D4"),
         Namespace(model=NS.model, kv_dtype="float16", kv_layout=NS.kv_layout),
         Namespace(model=NS.model, kv_dtype=NS.kv_dtype, kv_layout="mla:L2:D8"),
         Namespace(model=NS.model, kv_dtype=NS.kv_dtype, kv_layout=NS.kv_layout, tp_rank=1, tp_size=2),

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import FP4MXBlock16KVCacheMethod
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.registry import get_radix_cache_factory
 
@@ -41,6 +42,43 @@ def test_pool_views_of_sglang_pools():
     assert view.kind == "mla" and len(view.buffers) == 3 and view.layout(4).shape == (3, 4, 1, 24)
     with pytest.raises(ValueError, match="does not support"):
         plugin.pool_view(object())
+
+
+MHA = dict(page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32, layer_num=2, device="cpu", enable_memory_saver=False)
+MLA = dict(page_size=1, dtype=torch.bfloat16, kv_lora_rank=16, qk_rope_head_dim=8, layer_num=2, device="cpu",
+           enable_memory_saver=False)
+
+
+# Pools whose KV lives in more than the per-slot K/V (or latent) rows the kernels move, and
+# the setting each refusal names.
+REFUSED_POOLS = {
+    "fp4 scales": (lambda mp: mp.MHATokenToKVPoolFP4(64, **MHA), "--kv-cache-dtype"),
+    "mxfp8 scales": (lambda mp: mp.MHATokenToKVPoolMXFP8(64, **{**MHA, "dtype": torch.float8_e4m3fn}), "--kv-cache-dtype"),
+    "fp4 quant method": (lambda mp: mp.MHATokenToKVPool(64, **MHA, quant_method=FP4MXBlock16KVCacheMethod()), "--kv-cache-dtype"),
+    "mla fp4 scales": (lambda mp: mp.MLATokenToKVPoolFP4(64, **MLA), "--kv-cache-dtype"),
+    "dsa index keys": (lambda mp: mp.DSATokenToKVPool(
+        64, page_size=64, kv_lora_rank=16, dtype=torch.bfloat16, qk_rope_head_dim=8, layer_num=2, device="cpu",
+        index_head_dim=128, enable_memory_saver=False, kv_cache_dim=24, index_buf_size=64), "without --enable-lmcache"),
+    "mla with dsa": (lambda mp: mp.MLATokenToKVPool(64, **MLA, use_dsa=True), "without --enable-lmcache"),
+    "page layout label": (lambda mp: mp.MHATokenToKVPool(64, **MHA, kv_cache_layout="page_major"), "without --enable-lmcache"),
+    "k and v head dims differ": (lambda mp: mp.MHATokenToKVPool(64, **MHA, v_head_dim=16), "without --enable-lmcache"),
+    "k only": (lambda mp: mp.MHATokenToKOnlyPool(64, **MHA), "without --enable-lmcache"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_POOLS))
+def test_pools_with_kv_outside_the_moved_rows_are_refused_naming_the_setting(kind):
+    from sglang.srt.mem_cache import memory_pool
+
+    make, setting = REFUSED_POOLS[kind]
+    with pytest.raises(ValueError, match=setting):
+        plugin.pool_view(make(memory_pool))
+
+
+def test_hnd_layout_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
+    with pytest.raises(ValueError, match="unset SGLANG_USE_HND_KVCACHE"):
+        plugin.pool_view(MHATokenToKVPool(64, **MHA))
 
 
 class _Config:

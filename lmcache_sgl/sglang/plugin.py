@@ -2,16 +2,21 @@
 
 It registers the radix-cache backend `lmcache_sgl` (`--radix-cache-backend lmcache_sgl`),
 routes `--enable-lmcache` to it, and on a machine without a GPU installs CPU
-development mode's attention fix (cpu_mode.py). Only SGLang's plugin and hook API is used.
+development mode's attention fix (cpu_mode.py). It also hooks SGLang's weight updates:
+the tiers pause while the weights change and move to the new weights' namespace at the
+cache flush that follows. Only SGLang's plugin and hook API is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
+import json
 import logging
+import time
+import weakref
 
 import torch
+import xxhash
 
 from ..config import load_config
 from ..engine import CacheEngine, KVPoolView, mark_idle
@@ -21,6 +26,13 @@ from ..metrics import install_exporter
 log = logging.getLogger("lmcache_sgl")
 BACKEND = "lmcache_sgl"
 SUPPORTED_SGLANG = "0.5.23"
+
+_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+# Every SchedulerWeightUpdaterManager method after which the served weights may differ.
+WEIGHT_CHANGES = (
+    "update_weights_from_disk", "update_weights_from_distributed", "update_weights_from_tensor",
+    "update_weights_from_ipc", "begin_weight_update", "end_weight_update", "resume_memory_occupation",
+)
 
 
 def register() -> None:
@@ -36,6 +48,10 @@ def register() -> None:
         register_radix_cache_backend(BACKEND, build_cache)
     HookRegistry.register("sglang.srt.mem_cache.registry.default_radix_cache_factory", _route_enable_lmcache, HookType.AROUND)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _after_is_fully_idle, HookType.AFTER)
+    for method in WEIGHT_CHANGES:
+        HookRegistry.register(f"{_WEIGHT_UPDATER}.{method}", _before_weight_change, HookType.BEFORE)
+        HookRegistry.register(f"{_WEIGHT_UPDATER}.{method}", _after_weight_change, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.flush_cache", _after_flush_cache, HookType.AFTER)
     from . import cpu_mode
 
     if cpu_mode.wanted():
@@ -57,27 +73,237 @@ def _route_enable_lmcache(original, ctx):
     return original(ctx)
 
 
+# ---- weight updates ------------------------------------------------------------------
+def _served_engine(scheduler) -> "ServedEngine | None":
+    engine = getattr(getattr(scheduler, "tree_cache", None), "engine", None)
+    return engine if isinstance(engine, ServedEngine) else None
+
+
+def _before_weight_change(manager, *args, **kwargs):
+    """The weights are about to change: the tiers neither find nor store anything until
+    the next successful cache flush (the device tree may hold KV of the old weights)."""
+    engine = _served_engine(manager.scheduler)
+    if engine is not None:
+        engine.weights_changing = True
+
+
+def _after_weight_change(result, manager, *args, **kwargs):
+    engine = _served_engine(manager.scheduler)
+    if engine is not None and engine.weights_changing:
+        log.warning("lmcache-sgl: the weights changed and the cache was not flushed: the tiers stay paused until /flush_cache succeeds")
+    return result
+
+
+def _after_flush_cache(flushed, scheduler, *args, **kwargs):
+    """A successful flush after a weight change: no KV of the old weights is left on the
+    device, so the tiers resume in the namespace of a fresh fingerprint of the weights."""
+    engine = _served_engine(scheduler)
+    if flushed and engine is not None and engine.weights_changing:
+        runner = scheduler.tp_worker.model_runner
+        started = time.perf_counter()
+        model_id = model_identity(runner.model_config.hf_config, runner.model)
+        engine.set_model(model_id)
+        engine.weights_changing = False
+        log.info(
+            "lmcache-sgl: the weights changed: new model fingerprint %s (%.2f s); KV stored under the old weights is never used",
+            model_id.hex(), time.perf_counter() - started,
+        )
+    return flushed
+
+
+# ---- KV pools ------------------------------------------------------------------------
+_SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer", "native_v_scale_buffer", "dq_k_buffer", "dq_v_buffer")
+_KV_DTYPE_FIX = "set --kv-cache-dtype to auto, bf16, fp8_e4m3 or fp8_e5m2"
+_REFUSED_POOLS = {
+    "MHATokenToKVPoolFP4": f"keeps per-block scales beside K and V: {_KV_DTYPE_FIX}",
+    "MHATokenToKVPoolMXFP8": f"keeps per-block scales beside K and V: {_KV_DTYPE_FIX}",
+    "MLATokenToKVPoolFP4": f"keeps per-block scales beside the latent KV: {_KV_DTYPE_FIX}",
+    "DSATokenToKVPool": "keeps DeepSeek sparse-attention (DSA/NSA) index keys in buffers of their own: "
+                        "serve this model without --enable-lmcache",
+    "UnifiedMHATokenToKVPool": "indexes page-major per-layer views: drop --enable-unified-memory",
+    "UnifiedMLATokenToKVPool": "indexes page-major per-layer views: drop --enable-unified-memory",
+}
+
+
+_LAYOUT_FIX = {"hnd": "unset SGLANG_USE_HND_KVCACHE", "vectorized_5d": "set SGLANG_AITER_KV_CACHE_LAYOUT=nhd"}
+
+
 def pool_view(kvcache) -> KVPoolView:
-    """The engine's view of SGLang's KV pool (MHA or MLA)."""
-    if hasattr(kvcache, "k_buffer") and hasattr(kvcache, "v_buffer"):
-        return KVPoolView("mha", tuple(kvcache.k_buffer) + tuple(kvcache.v_buffer))
-    if hasattr(kvcache, "kv_buffer"):
-        return KVPoolView("mla", tuple(kvcache.kv_buffer))
-    raise ValueError(f"lmcache-sgl does not support the KV pool {type(kvcache).__name__}")
+    """The engine's view of SGLang's KV pool. Accepted are exactly SGLang's plain MHA and
+    MLA pools whose KV lives only in per-layer [slot, heads, dim] buffers of one shape
+    (what the gather/scatter kernels move); anything else raises ValueError naming the
+    setting to change."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
+
+    name = type(kvcache).__name__
+    if type(kvcache) is MHATokenToKVPool:
+        _check_mha(kvcache)
+        view = KVPoolView("mha", (*kvcache.k_buffer, *kvcache.v_buffer))
+        row = (kvcache.head_num, kvcache.head_dim)
+    elif type(kvcache) is MLATokenToKVPool:
+        if kvcache.use_dsa or kvcache.kv_scale_buffer is not None:
+            raise ValueError(f"lmcache-sgl does not support the KV pool {name} with DSA index keys or KV scales: "
+                             "serve this model without --enable-lmcache")
+        view = KVPoolView("mla", tuple(kvcache.kv_buffer))
+        row = (1, kvcache.kv_lora_rank + kvcache.qk_rope_head_dim)
+    else:
+        why = _REFUSED_POOLS.get(name, "is not a plain MHA or MLA pool: serve this model without --enable-lmcache")
+        raise ValueError(f"lmcache-sgl does not support the KV pool {name}: it {why}")
+    for buf in view.buffers:
+        if tuple(buf.shape[1:]) != row or buf.shape[0] < kvcache.size + kvcache.page_size \
+                or buf.dtype != kvcache.store_dtype or not buf.is_contiguous():
+            raise ValueError(
+                f"lmcache-sgl does not support the KV pool {name}: a buffer is {buf.dtype}{tuple(buf.shape)}, not "
+                f"contiguous {kvcache.store_dtype}[slots, {', '.join(map(str, row))}]: serve this model without --enable-lmcache"
+            )
+    return view
+
+
+def _check_mha(kvcache) -> None:
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import UnquantizedKVCacheMethod
+
+    name = type(kvcache).__name__
+    if type(kvcache.quant_method) is not UnquantizedKVCacheMethod or any(getattr(kvcache, a, None) is not None for a in _SCALE_BUFFERS):
+        raise ValueError(f"lmcache-sgl does not support the KV pool {name} with the KV quantization method "
+                         f"{kvcache.quant_method.name!r} (packed KV, scale buffers): {_KV_DTYPE_FIX}")
+    if kvcache.kv_cache_layout != "nhd":
+        fix = _LAYOUT_FIX.get(kvcache.kv_cache_layout, "serve this model without --enable-lmcache")
+        raise ValueError(f"lmcache-sgl does not support the KV pool {name} in the {kvcache.kv_cache_layout!r} layout, "
+                         f"which does not index token slots: {fix}")
+    if kvcache.v_head_dim != kvcache.head_dim:
+        raise ValueError(f"lmcache-sgl does not support the KV pool {name} with K head dim {kvcache.head_dim} and V head dim "
+                         f"{kvcache.v_head_dim} (K and V rows differ): serve this model without --enable-lmcache")
+
+
+def kv_dtype_name(kvcache, server_args) -> str:
+    """The logical KV dtype: the pool's dtype as resolved from --kv-cache-dtype (every fp8
+    format is stored as uint8), with the flag's own value."""
+    return f"{str(kvcache.dtype).removeprefix('torch.')}/{server_args.kv_cache_dtype}"
+
+
+# ---- identities ----------------------------------------------------------------------
+_SLICE_BYTES = 64 << 20  # bytes of a device tensor copied to the CPU at a time
+_KV_SCALES = ("k_scale", "v_scale", "k_scale_float", "v_scale_float")  # RadixAttention's fp8 KV scales
+
+
+def tensors_digest(named_tensors) -> bytes:
+    """xxh3-128 of the names, dtypes, shapes and every byte of (name, tensor) pairs, in
+    order. CPU tensors are hashed in place; others are copied to the CPU in slices of
+    64 MiB (CUDA: through two pinned buffers, so one slice copies while the last hashes)."""
+    h, staging = xxhash.xxh3_128(), None
+    for name, tensor in named_tensors:
+        tensor = tensor.detach()
+        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
+        h.update(len(header).to_bytes(8, "little") + header)
+        data = tensor.reshape(-1).view(torch.uint8)
+        if data.device.type == "cpu":
+            h.update(data.numpy())
+        elif data.device.type == "cuda":
+            if staging is None:
+                staging = [torch.empty(_SLICE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            _hash_cuda(h, data, staging)
+        else:
+            for start in range(0, data.numel(), _SLICE_BYTES):
+                h.update(data[start : start + _SLICE_BYTES].cpu().numpy())
+    return h.digest()
+
+
+def _hash_cuda(h, data: torch.Tensor, staging: list[torch.Tensor]) -> None:
+    pending = None  # (pinned slice, its copy's event)
+    with torch.cuda.device(data.device):
+        for i, start in enumerate(range(0, data.numel(), _SLICE_BYTES)):
+            piece = data[start : start + _SLICE_BYTES]
+            buf = staging[i % 2][: piece.numel()]
+            buf.copy_(piece, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            if pending is not None:
+                pending[1].synchronize()
+                h.update(pending[0].numpy())
+            pending = (buf, event)
+        if pending is not None:
+            pending[1].synchronize()
+            h.update(pending[0].numpy())
+
+
+def _kv_scales(model: torch.nn.Module):
+    """(name, tensor) of the KV scales attention layers hold outside their parameters
+    (floats, or tensors set by load_kv_cache_scales)."""
+    for module_name, module in model.named_modules():
+        for attr in _KV_SCALES:
+            value = getattr(module, attr, None)
+            if isinstance(value, (int, float)):
+                value = torch.tensor(float(value), dtype=torch.float64)
+            if isinstance(value, torch.Tensor):
+                yield f"{module_name}.{attr}", value
 
 
 def model_identity(hf_config, model: torch.nn.Module) -> bytes:
-    """Fingerprint of the model: its config (minus paths), its weights' names and shapes,
-    and a sample of each weight's values (so two fine-tunes of one architecture differ)."""
+    """Fingerprint of the model: its config (minus paths) and every byte of every
+    parameter, buffer and KV scale; any change to one of them changes it."""
     config = {k: v for k, v in hf_config.to_dict().items() if k not in ("_name_or_path", "_commit_hash", "transformers_version")}
-    shapes, sample = {}, hashlib.blake2b(digest_size=16)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            shapes[name] = tuple(param.shape)
-            head = param.detach().reshape(-1)[:64].to("cpu", torch.float32)
-            sample.update(name.encode() + head.numpy().tobytes())
-    shapes["__values__"] = (sample.hexdigest(),)
-    return model_fingerprint(config, shapes)
+        named = [(f"param:{n}", t) for n, t in model.named_parameters()]
+        named += [(f"buffer:{n}", t) for n, t in model.named_buffers()]
+        named += [(f"kv_scale:{n}", t) for n, t in _kv_scales(model)]
+        return model_fingerprint(config, tensors_digest(named))
+
+
+def adapter_digest(adapter) -> bytes:
+    """Digest of a loaded SGLang LoRAAdapter: its PEFT config, scaling and every byte of
+    its weights (held on the CPU by SGLang)."""
+    named = [(f"{i}.{n}", t) for i, layer in enumerate(adapter.layers) for n, t in sorted(layer.weights.items())]
+    named += sorted(adapter.embedding_layers.items()) + sorted(adapter.added_tokens_embeddings.items())
+    config = {"config": adapter.config.hf_config, "scaling": adapter.scaling}
+    return model_fingerprint(config, tensors_digest(named))
+
+
+class ServedEngine(CacheEngine):
+    """The CacheEngine of a served model. A LoRA adapter is named by a digest of its
+    weights, not by its id; while `weights_changing`, the tiers find and store nothing."""
+
+    def __init__(self, *args, lora_manager=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lora_manager = lora_manager  # SGLang's LoRAManager, or None without LoRA
+        self.weights_changing = False
+        self._adapter_digests: "weakref.WeakKeyDictionary[object, bytes]" = weakref.WeakKeyDictionary()
+
+    def seed(self, extra_key: str | None = None, cache_salt: str | None = None) -> bytes:
+        return super().seed(self._adapter_key(extra_key), cache_salt)
+
+    def _adapter_key(self, extra_key: str | None) -> str | None:
+        """SGLang's radix key appends the request's lora_id to extra_key (Req.__init__);
+        replace a loaded adapter's id by the digest of that adapter's weights."""
+        if extra_key is None or self.lora_manager is None:
+            return extra_key
+        for lora_id, adapter in list(self.lora_manager.loras.items()):
+            if extra_key.endswith(lora_id):
+                digest = self._adapter_digests.get(adapter)
+                if digest is None:
+                    digest = self._adapter_digests[adapter] = adapter_digest(adapter)
+                return f"{extra_key[: len(extra_key) - len(lora_id)]}\0lora:{digest.hex()}"
+        return extra_key
+
+    def hit_length(self, chunks, known: int = 0, **kwargs) -> int:
+        return known if self.weights_changing else super().hit_length(chunks, known, **kwargs)
+
+    def store(self, chunks, slots) -> int:
+        return 0 if self.weights_changing else super().store(chunks, slots)
+
+
+def served_engine(ctx, config, kvcache, pool: KVPoolView) -> ServedEngine:
+    """The engine for the model `ctx` (SGLang's TreeCacheBuildContext) serves: its
+    namespace holds a fingerprint of every byte of the weights and the logical KV dtype;
+    LoRA adapters are named by their weights."""
+    runner = ctx.tp_worker.model_runner
+    started = time.perf_counter()
+    model_id = model_identity(ctx.model_config.hf_config, runner.model)
+    log.info("lmcache-sgl: model fingerprint %s (%.2f s)", model_id.hex(), time.perf_counter() - started)
+    return ServedEngine(
+        config, pool, model_id, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, kv_dtype=kv_dtype_name(kvcache, ctx.server_args),
+        device_stream=getattr(runner, "forward_stream", None) if pool.buffers[0].is_cuda else None,
+        lora_manager=getattr(runner, "lora_manager", None),
+    )
 
 
 def build_cache(ctx):
@@ -91,13 +317,9 @@ def build_cache(ctx):
         raise ValueError("lmcache-sgl supports full-attention models only (no sliding-window or Mamba layers)")
     config_file = get_memory().lmcache_config_file
     config = load_config(config_file, page_size=ctx.params.page_size)
-    pool = pool_view(ctx.params.token_to_kv_pool_allocator.get_kvcache())
-    runner = ctx.tp_worker.model_runner
-    on_gpu = pool.buffers[0].is_cuda
-    engine = CacheEngine(
-        config, pool, model_identity(ctx.model_config.hf_config, runner.model),
-        tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, device_stream=getattr(runner, "forward_stream", None) if on_gpu else None,
-    )
+    kvcache = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    pool = pool_view(kvcache)
+    engine = served_engine(ctx, config, kvcache, pool)
     ctx.params.tree_components = (ComponentType.FULL,)
     # Spilling needs each evicted node's tokens; the Rust TreeCore of 0.5.23 does not
     # expose them (node_by_id is not ported), the Python one does.
@@ -112,7 +334,7 @@ def build_cache(ctx):
         tiers.append(f"disk {stack.disk.path} {stack.disk.capacity_bytes / 1e9:.2f} GB ({len(stack.disk)} chunks found)")
     log.info(
         "lmcache-sgl active: config %s, chunk_size %d, layout %s %s, tiers: %s, %s",
-        config_file or "(defaults and LMCACHE_* variables)", config.chunk_size, pool.describe(), pool.dtype,
+        config_file or "(defaults and LMCACHE_* variables)", config.chunk_size, pool.describe(), kv_dtype_name(kvcache, ctx.server_args),
         ", ".join(tiers), config.write_policy,
     )
     return cache
