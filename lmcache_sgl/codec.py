@@ -172,6 +172,61 @@ def frame_bytes(parts: Sequence) -> bytes:
     return b"".join(parts)
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A frame's header and block table, checked against the expected key and layout."""
+
+    codec: int
+    block_bytes: int
+    sizes: tuple[int, ...]  # compressed size of each block
+    table_end: int  # offset of the first block
+
+    @property
+    def size(self) -> int:
+        return self.table_end + sum(self.sizes) + _DIGEST_BYTES
+
+
+def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[int, int, int]:
+    """(codec, block bytes, number of blocks) of the header at the start of `view`."""
+    if len(view) < _HEADER.size:
+        raise TruncatedFrame(f"frame of {len(view)} bytes is shorter than a header")
+    magic, version, codec, kind, dtype, ndim, fkey, *rest = _HEADER.unpack_from(view)
+    shape, (raw_len, block_bytes, nblocks) = rest[:MAX_DIMS], rest[MAX_DIMS:]
+    if magic != MAGIC or version != VERSION or codec not in CODECS.values():
+        raise MalformedFrame(f"not a version-{VERSION} frame (magic {magic!r}, version {version}, codec {codec})")
+    if fkey != key:
+        raise KeyMismatch(f"frame holds key {fkey.hex()}, expected {key.hex()}")
+    dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else None
+    found = (_KIND_NAMES.get(kind), dtype_name, tuple(shape[:ndim]))
+    if found != (layout.kind, layout.dtype, tuple(layout.shape)) or raw_len != layout.nbytes:
+        raise LayoutMismatch(f"frame holds {found}, expected {layout}")
+    if raw_len and (block_bytes == 0 or nblocks != -(-raw_len // block_bytes)):
+        raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes cannot hold {raw_len} bytes")
+    return codec, block_bytes, nblocks
+
+
+def _parse_table(view: memoryview, codec: int, block_bytes: int, nblocks: int, raw_len: int) -> _Frame:
+    table_end = _HEADER.size + 8 * nblocks
+    if len(view) < table_end:
+        raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
+    sizes = struct.unpack_from(f"<{nblocks}Q", view, _HEADER.size)
+    if codec == CODECS["raw"] and any(size != min(block_bytes, raw_len - i * block_bytes) for i, size in enumerate(sizes)):
+        raise MalformedFrame("raw block size does not match the layout")
+    return _Frame(codec, block_bytes, sizes, table_end)
+
+
+def _targets(out: torch.Tensor, frame: _Frame, nbytes: int) -> tuple:
+    dst = out.reshape(-1).view(torch.uint8)
+    if dst.numel() != nbytes:
+        raise ValueError(f"output holds {dst.numel()} bytes, the chunk has {nbytes}")
+    return dst.split(frame.block_bytes) if nbytes else ()
+
+
+def _decode_blocks(blocks: Sequence, targets: Sequence[torch.Tensor], elem: int, parallel: bool) -> None:
+    runner = _workers().map if parallel else map
+    list(runner(lambda bt: _decompress_block(bt[0], elem, bt[1]), zip(blocks, targets)))
+
+
 def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
     """Verify `frame` against `key` and `layout`, then write its chunk into `out`, its zstd
     blocks decoded on every core when `parallel`, else on this thread (for callers that
@@ -181,42 +236,70 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, pa
     (and leaves `out` unspecified) if the frame is cut, corrupt, or for another chunk.
     """
     view = memoryview(frame).cast("B")
-    if len(view) < _HEADER.size + _DIGEST_BYTES:
-        raise TruncatedFrame(f"frame of {len(view)} bytes is shorter than a header")
-    magic, version, codec, kind, dtype, ndim, fkey, *rest = _HEADER.unpack_from(view)
-    shape, (raw_len, block_bytes, nblocks) = rest[:MAX_DIMS], rest[MAX_DIMS:]
-    if magic != MAGIC or version != VERSION or codec not in CODECS.values():
-        raise MalformedFrame(f"not a version-{VERSION} frame (magic {magic!r}, version {version}, codec {codec})")
-    table_end = _HEADER.size + 8 * nblocks
-    if len(view) < table_end + _DIGEST_BYTES:
-        raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
-    sizes = struct.unpack_from(f"<{nblocks}Q", view, _HEADER.size)
-    if len(view) != table_end + sum(sizes) + _DIGEST_BYTES:
-        raise TruncatedFrame(f"frame of {len(view)} bytes, header says {table_end + sum(sizes) + _DIGEST_BYTES}")
+    codec, block_bytes, nblocks = _parse_header(view, key, layout)
+    info = _parse_table(view, codec, block_bytes, nblocks, layout.nbytes)
+    if len(view) != info.size:
+        raise TruncatedFrame(f"frame of {len(view)} bytes, header says {info.size}")
     if xxhash.xxh3_128_digest(view[:-_DIGEST_BYTES]) != bytes(view[-_DIGEST_BYTES:]):
         raise ChecksumMismatch("frame checksum mismatch")
-    if fkey != key:
-        raise KeyMismatch(f"frame holds key {fkey.hex()}, expected {key.hex()}")
-    dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else None
-    found = (_KIND_NAMES.get(kind), dtype_name, tuple(shape[:ndim]))
-    if found != (layout.kind, layout.dtype, tuple(layout.shape)) or raw_len != layout.nbytes:
-        raise LayoutMismatch(f"frame holds {found}, expected {layout}")
-    dst = out.reshape(-1).view(torch.uint8)
-    if dst.numel() != raw_len:
-        raise ValueError(f"output holds {dst.numel()} bytes, the chunk has {raw_len}")
-    if raw_len and (block_bytes == 0 or nblocks != -(-raw_len // block_bytes)):
-        raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes cannot hold {raw_len} bytes")
-    offsets = [table_end]
-    for size in sizes:
+    targets = _targets(out, info, layout.nbytes)
+    offsets = [info.table_end]
+    for size in info.sizes:
         offsets.append(offsets[-1] + size)
     blocks = [view[offsets[i] : offsets[i + 1]] for i in range(nblocks)]
-    targets = dst.split(block_bytes) if raw_len else ()
     if codec == CODECS["raw"]:
         for block, target in zip(blocks, targets):
-            if len(block) != target.numel():
-                raise MalformedFrame("raw block size does not match the layout")
             target.copy_(_as_bytes_tensor(block))
-        return
-    elem = layout.itemsize
-    runner = _workers().map if parallel else map
-    list(runner(lambda bt: _decompress_block(bt[0], elem, bt[1]), zip(blocks, targets)))
+    else:
+        _decode_blocks(blocks, targets, layout.itemsize, parallel)
+
+
+def read_into(fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
+    """decode_into for a frame in an open file: a raw payload is read straight into `out`
+    (one copy) and hashed there; a zstd payload is read into a per-thread buffer reused
+    across reads. Raises FrameError as decode_into does, OSError on a read error."""
+    head = _pread_exact(fd, _HEADER.size, 0)
+    codec, block_bytes, nblocks = _parse_header(head, key, layout)
+    if _HEADER.size + 8 * nblocks + _DIGEST_BYTES > file_size:
+        raise TruncatedFrame(f"frame of {file_size} bytes is cut inside its block table")
+    table = _pread_exact(fd, 8 * nblocks, _HEADER.size)
+    info = _parse_table(memoryview(head.tobytes() + table.tobytes()), codec, block_bytes, nblocks, layout.nbytes)
+    if file_size != info.size:
+        raise TruncatedFrame(f"frame of {file_size} bytes, header says {info.size}")
+    targets = _targets(out, info, layout.nbytes)
+    digest = xxhash.xxh3_128(head)
+    digest.update(table)
+    payload_bytes = sum(info.sizes)
+    if codec == CODECS["raw"]:
+        payload = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if payload_bytes else memoryview(b"")
+        _preadv_exact(fd, payload, info.table_end)
+    else:
+        buffer = getattr(_local, "read_buffer", None)
+        if buffer is None or len(buffer) < payload_bytes:
+            buffer = _local.read_buffer = bytearray(payload_bytes)
+        payload = memoryview(buffer)[:payload_bytes]
+        _preadv_exact(fd, payload, info.table_end)
+    digest.update(payload)
+    if digest.digest() != _pread_exact(fd, _DIGEST_BYTES, info.table_end + payload_bytes).tobytes():
+        raise ChecksumMismatch("frame checksum mismatch")
+    if codec != CODECS["raw"]:
+        offsets = [0]
+        for size in info.sizes:
+            offsets.append(offsets[-1] + size)
+        blocks = [payload[offsets[i] : offsets[i + 1]] for i in range(nblocks)]
+        _decode_blocks(blocks, targets, layout.itemsize, parallel)
+
+
+def _preadv_exact(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise TruncatedFrame(f"file ends {len(view) - got} bytes early")
+        got += n
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int) -> memoryview:
+    view = memoryview(bytearray(nbytes))
+    _preadv_exact(fd, view, offset)
+    return view

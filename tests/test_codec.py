@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,7 @@ from lmcache_sgl.codec import (
     decode_into,
     encode,
     frame_bytes,
+    read_into,
 )
 
 KEY = bytes(range(16))
@@ -109,3 +112,32 @@ def test_decoder_fuzz_never_returns_data(junk, prefix):
 def test_encode_refuses_wrong_size():
     with pytest.raises(ValueError):
         encode(KEY, LAYOUT, torch.zeros(3, dtype=torch.uint8))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(codec=st.sampled_from(["raw", "zstd"]), tokens=st.integers(1, 40), flip=st.integers(0, 10**6), cut=st.integers(0, 10**6))
+def test_read_into_a_file_matches_decode_and_refuses_damage(tmp_path_factory, codec, tokens, flip, cut):
+    """Reading a frame from a file (raw payloads straight into the output) gives the same
+    bytes as decoding it from memory; a flipped bit or a cut file is a FrameError."""
+    layout = ChunkLayout("mha", "bfloat16", (2, 2, tokens, 2, 8))
+    data = torch.randn(layout.shape).to(torch.bfloat16)
+    frame = bytearray(frame_bytes(encode(KEY, layout, data, codec)))
+    path = tmp_path_factory.mktemp("frames") / "f.lmsg"
+
+    def read(blob: bytes) -> torch.Tensor:
+        path.write_bytes(blob)
+        out = torch.empty(layout.nbytes, dtype=torch.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            read_into(fd, os.fstat(fd).st_size, KEY, layout, out)
+        finally:
+            os.close(fd)
+        return out
+
+    assert torch.equal(read(bytes(frame)), data.reshape(-1).view(torch.uint8))
+    damaged = bytearray(frame)
+    damaged[flip % len(frame)] ^= 1 << (flip % 8)
+    with pytest.raises(FrameError):
+        read(bytes(damaged))
+    with pytest.raises(FrameError):
+        read(bytes(frame[: cut % len(frame)]))

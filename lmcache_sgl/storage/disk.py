@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from ..codec import ChunkLayout, FrameError, decode_into, encode
+from ..codec import ChunkLayout, FrameError, encode, read_into
 from ..lograte import RateLimitedLog
 from ..metrics import CacheMetrics
 from .base import Held, Payload
@@ -212,8 +212,7 @@ class DiskTier:
         if not hit:
             return False
         try:
-            frame = _read_regular_file(self._file(key))
-            decode_into(frame, key, layout, out, parallel=parallel)
+            _read_frame(self._file(key), key, layout, out, parallel)
         except (OSError, FrameError) as e:
             self._drop(key)
             if isinstance(e, FrameError):
@@ -265,22 +264,15 @@ def _claim_directory(path: str) -> int:
     return fd
 
 
-def _read_regular_file(path: str) -> bytearray:
-    """The whole file; OSError if it is not a regular file (never follows a link, never
-    blocks on a FIFO or device)."""
+def _read_frame(path: str, key: bytes, layout: ChunkLayout, out: torch.Tensor, parallel: bool) -> None:
+    """Read and verify the frame at `path` into `out`; OSError if it is not a regular
+    file (never follows a link, never blocks on a FIFO or device), FrameError if bad."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
-        frame = bytearray(st.st_size)
-        view, got = memoryview(frame), 0
-        while got < len(frame):
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
-                break
-            got += n
-        return frame if got == len(frame) else frame[:got]
+        read_into(fd, st.st_size, key, layout, out, parallel=parallel)
     finally:
         os.close(fd)
 
