@@ -2,6 +2,7 @@
 the logical KV dtype; a LoRA adapter's weights; and the tiers pause from a weight change
 until the cache flush that follows it."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -112,26 +113,33 @@ def test_fp8_formats_stored_alike_have_different_namespaces(tmp_path):
     assert a.seed() != b.seed()
 
 
-class _Adapter(torch.nn.Module):
-    """The attributes of SGLang's LoRAAdapter that hold what the adapter computes."""
+def _adapter(tmp_path, scale):
+    """A real SGLang LoRAAdapter (rank 4 on q_proj and v_proj of 2 layers), weights all `scale`."""
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.lora.lora import LoRAAdapter
+    from sglang.srt.lora.lora_config import LoRAConfig
+    from transformers import LlamaConfig
 
-    def __init__(self, scale):
-        super().__init__()
-        layer = SimpleNamespace(weights={"layers.0.self_attn.qkv_proj.lora_A.weight": torch.full((4, 16), scale)})
-        self.layers = [layer]
-        self.embedding_layers, self.added_tokens_embeddings = {}, {}
-        self.config = SimpleNamespace(hf_config={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
-        self.scaling = 2.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}))
+    base = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=100)
+    adapter = LoRAAdapter("id", LoRAConfig(str(tmp_path), base_vocab_size=100), base, LoadConfig(), None)
+    adapter.initialize_weights_from_tensors({
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight": torch.full((4, 64) if ab == "A" else (64, 4), scale)
+        for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"
+    })
+    return adapter
 
 
 def test_a_lora_namespace_is_the_adapter_weights_not_its_id(tmp_path):
     lora_id = "0123456789abcdef0123456789abcdef"
-    manager = SimpleNamespace(loras={lora_id: _Adapter(0.5)})
+    manager = SimpleNamespace(loras={lora_id: _adapter(tmp_path, 0.5)})
     engine = _engine(tmp_path, _pool(), lora_manager=manager)
     before = engine.seed(lora_id)
-    manager.loras[lora_id] = _Adapter(0.25)  # same id (e.g. --lora-paths), other weights
+    manager.loras[lora_id] = _adapter(tmp_path, 0.25)  # same id (e.g. --lora-paths), other weights
     assert engine.seed(lora_id) != before
-    manager.loras = {"f" * 32: _Adapter(0.5)}  # another id, the first weights
+    manager.loras = {"f" * 32: _adapter(tmp_path, 0.5)}  # another id, the first weights
     assert engine.seed("f" * 32) == before
     assert engine.seed("tenant" + "f" * 32) != before  # SGLang prefixes the request's extra_key
     assert engine.seed(None) != before

@@ -200,6 +200,7 @@ def tensors_digest(named_tensors) -> bytes:
             h.update(data.numpy())
         elif data.device.type == "cuda":
             if staging is None:
+                torch.cuda.synchronize(data.device)  # the weights may just have been written on another stream
                 staging = [torch.empty(_SLICE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             _hash_cuda(h, data, staging)
         else:
