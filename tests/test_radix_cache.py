@@ -291,3 +291,14 @@ def test_failures_never_reach_the_scheduler(tmp_path, sglang_config, monkeypatch
     assert allocator.available_size() == free
     if method != "unprotect":  # (a tier that fails to unprotect keeps its protection)
         assert protections(cache) == 0
+
+
+def test_repeated_failures_are_counted_but_logged_once(tmp_path, monkeypatch, caplog):
+    cache = make_cache(tmp_path)
+    for i in range(5):
+        insert(cache, list(range(6000 + 200 * i, 6100 + 200 * i)))  # five separate leaves
+    monkeypatch.setattr(cache.engine, "store", _raise)
+    with caplog.at_level("WARNING", logger="lmcache_sgl"):
+        cache.evict(EvictParams(num_tokens=POOL_TOKENS))
+    assert cache.evictable_size() == 0 and cache.failures["spill"] == 5
+    assert sum("spill failed" in r.getMessage() for r in caplog.records) == 1
