@@ -19,9 +19,10 @@ import torch
 import xxhash
 
 from ..config import load_config
-from ..engine import CacheEngine, KVPoolView, mark_idle
+from ..engine import CacheEngine, KVPoolView
 from ..keys import model_fingerprint
 from ..metrics import install_exporter
+from .shutdown import flush_on_signals
 
 log = logging.getLogger("lmcache_sgl")
 BACKEND = "lmcache_sgl"
@@ -58,10 +59,11 @@ def register() -> None:
         cpu_mode.install_extend_hook()
 
 
-def _after_is_fully_idle(result, *args, **kwargs):
-    """The scheduler found nothing to run: let the disk writer work."""
-    if result:
-        mark_idle()
+def _after_is_fully_idle(result, scheduler, *args, **kwargs):
+    """The scheduler found nothing to run: let the cold tiers' writers work."""
+    engine = getattr(getattr(scheduler, "tree_cache", None), "engine", None)
+    if result and engine is not None:
+        engine.idle.set()
     return result
 
 
@@ -320,6 +322,7 @@ def build_cache(ctx):
     config = load_config(config_file, page_size=ctx.params.page_size)
     kvcache = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     pool = pool_view(kvcache)
+    config.validated(ctx.params.page_size, chunk_bytes=pool.layout(config.chunk_size).nbytes)
     engine = served_engine(ctx, config, kvcache, pool)
     ctx.params.tree_components = (ComponentType.FULL,)
     # Spilling needs each evicted node's tokens; the Rust TreeCore of 0.5.23 does not
@@ -327,15 +330,10 @@ def build_cache(ctx):
     ctx.params.tree_core_backend = "python"
     cache = LMCacheRadixCache(ctx.params, engine)
     install_exporter(engine.metrics)
-    stack = engine.stack
-    tiers = []
-    if stack.cpu is not None:
-        tiers.append(f"cpu {stack.cpu.capacity_bytes / 1e9:.2f} GB")
-    if stack.disk is not None:
-        tiers.append(f"disk {stack.disk.path} {stack.disk.capacity_bytes / 1e9:.2f} GB ({len(stack.disk)} chunks found)")
+    flush_on_signals(engine, config.shutdown_flush_timeout)
     log.info(
         "lmcache-sgl active: config %s, chunk_size %d, layout %s %s, tiers: %s, %s",
         config_file or "(defaults and LMCACHE_* variables)", config.chunk_size, pool.describe(), kv_dtype_name(kvcache, ctx.server_args),
-        ", ".join(tiers), config.write_policy,
+        engine.stack.describe(), config.write_policy,
     )
     return cache

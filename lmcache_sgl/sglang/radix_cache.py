@@ -42,6 +42,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from ..engine import CacheEngine, Chunk
 from ..lograte import RateLimitedLog
+from .shutdown import close_engine
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -321,6 +322,11 @@ class LMCacheRadixCache(UnifiedRadixCache):
         for rid in list(getattr(self, "_pending", {})):
             self._forget(rid)
         super().reset()
+
+    def release_host_resources(self) -> None:
+        """A graceful shutdown: write what the cold tiers have queued, in bounded time."""
+        super().release_host_resources()
+        close_engine(self.engine, self.engine.config.shutdown_flush_timeout, "graceful shutdown")
 
     def clear_storage_backend(self) -> bool:
         """Empty the tiers (SGLang's /clear_hicache_storage_backend)."""
