@@ -174,8 +174,10 @@ class LMCacheRadixCache(UnifiedRadixCache):
         return self.engine.chunks(seed, _token_array(key.token_ids))
 
     def _tier_hit(self, chunks: list[Chunk], limit: int, device_len: int) -> int:
-        """Page-aligned prefix length (within the key's limit) that device + tiers cover."""
-        hit = min(self.engine.hit_length(chunks, known=device_len), limit)
+        """Page-aligned prefix length (within the key's limit) that device + tiers cover.
+        Counted in the lookup metrics: a request is looked up again only when its device
+        hit changes or its key grows (match_prefix reuses the agreed hit otherwise)."""
+        hit = min(self.engine.hit_length(chunks, known=device_len, record=True), limit)
         return hit - hit % self.page_size
 
     def _protect(self, chunks: list[Chunk], device_len: int, hit: int, key_len: int) -> Optional[_PendingLoad]:
