@@ -11,7 +11,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from lmcache_sgl.config import LMCacheConfig
 from lmcache_sgl.engine import Chunk
-from lmcache_sgl.sglang import plugin
+from lmcache_sgl.sglang import identity, plugin, pools
 
 
 class _Config:
@@ -28,7 +28,7 @@ def _model():
 
 
 def _identity(model):
-    return plugin.model_identity(_Config(), model)
+    return identity.model_identity(_Config(), model)
 
 
 def _flip_every_byte(tensor, model, base):
@@ -64,26 +64,26 @@ def test_kv_scales_are_in_the_identity():
 
 def test_same_bytes_in_another_dtype_or_shape_are_another_model():
     a = [("w", torch.zeros(4, 4, dtype=torch.int16))]
-    assert plugin.tensors_digest(a) != plugin.tensors_digest([("w", torch.zeros(2, 8, dtype=torch.int16))])
-    assert plugin.tensors_digest(a) != plugin.tensors_digest([("w", torch.zeros(4, 4, dtype=torch.bfloat16))])
-    assert plugin.tensors_digest(a) != plugin.tensors_digest([("v", torch.zeros(4, 4, dtype=torch.int16))])
+    assert identity.tensors_digest(a) != identity.tensors_digest([("w", torch.zeros(2, 8, dtype=torch.int16))])
+    assert identity.tensors_digest(a) != identity.tensors_digest([("w", torch.zeros(4, 4, dtype=torch.bfloat16))])
+    assert identity.tensors_digest(a) != identity.tensors_digest([("v", torch.zeros(4, 4, dtype=torch.int16))])
 
 
 def test_non_contiguous_and_large_tensors_hash_their_values():
     t = torch.arange(64, dtype=torch.float32).view(8, 8)
-    assert plugin.tensors_digest([("w", t.t())]) == plugin.tensors_digest([("w", t.t().contiguous())])
-    big = torch.zeros(plugin._SLICE_BYTES // 4 + 3, dtype=torch.float32)
-    base = plugin.tensors_digest([("w", big)])
+    assert identity.tensors_digest([("w", t.t())]) == identity.tensors_digest([("w", t.t().contiguous())])
+    big = torch.zeros(identity._SLICE_BYTES // 4 + 3, dtype=torch.float32)
+    base = identity.tensors_digest([("w", big)])
     big[-1] = 1
-    assert plugin.tensors_digest([("w", big)]) != base
+    assert identity.tensors_digest([("w", big)]) != base
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_tensors_hash_like_cpu_tensors():
     torch.manual_seed(0)
-    named = [("a", torch.randn(3, 5)), ("b", torch.randn(plugin._SLICE_BYTES // 2 + 7, dtype=torch.bfloat16))]
+    named = [("a", torch.randn(3, 5)), ("b", torch.randn(identity._SLICE_BYTES // 2 + 7, dtype=torch.bfloat16))]
     on_gpu = [(n, t.cuda()) for n, t in named]
-    assert plugin.tensors_digest(on_gpu) == plugin.tensors_digest(named)
+    assert identity.tensors_digest(on_gpu) == identity.tensors_digest(named)
 
 
 # ---- the engine build_cache makes ------------------------------------------------------
@@ -102,7 +102,7 @@ def _pool(dtype=torch.bfloat16):
 
 def _engine(tmp_path, kvcache, **ctx):
     config = LMCacheConfig(chunk_size=4, max_local_cpu_size=0.001, local_disk=None).validated(1)
-    return plugin.served_engine(_ctx(kvcache, **ctx), config, kvcache, plugin.pool_view(kvcache))
+    return plugin.served_engine(_ctx(kvcache, **ctx), config, kvcache, pools.pool_view(kvcache))
 
 
 def test_fp8_formats_stored_alike_have_different_namespaces(tmp_path):

@@ -8,7 +8,7 @@ from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import FP4MXBlock1
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 from sglang.srt.mem_cache.registry import get_radix_cache_factory
 
-from lmcache_sgl.sglang import plugin
+from lmcache_sgl.sglang import identity, plugin, pools
 
 
 def test_entry_point_is_declared():
@@ -34,14 +34,14 @@ def test_other_sglang_version_is_refused_with_a_clear_message(monkeypatch, caplo
 def test_pool_views_of_sglang_pools():
     mha = MHATokenToKVPool(64, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=3,
                            device="cpu", enable_memory_saver=False)
-    view = plugin.pool_view(mha)
+    view = pools.pool_view(mha)
     assert view.kind == "mha" and len(view.buffers) == 6 and view.layout(4).shape == (2, 3, 4, 2, 8)
     mla = MLATokenToKVPool(64, page_size=1, dtype=torch.bfloat16, kv_lora_rank=16, qk_rope_head_dim=8,
                            layer_num=3, device="cpu", enable_memory_saver=False)
-    view = plugin.pool_view(mla)
+    view = pools.pool_view(mla)
     assert view.kind == "mla" and len(view.buffers) == 3 and view.layout(4).shape == (3, 4, 1, 24)
     with pytest.raises(ValueError, match="does not support"):
-        plugin.pool_view(object())
+        pools.pool_view(object())
 
 
 MHA = dict(page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=32, layer_num=2, device="cpu", enable_memory_saver=False)
@@ -72,13 +72,13 @@ def test_pools_with_kv_outside_the_moved_rows_are_refused_naming_the_setting(kin
 
     make, setting = REFUSED_POOLS[kind]
     with pytest.raises(ValueError, match=setting):
-        plugin.pool_view(make(memory_pool))
+        pools.pool_view(make(memory_pool))
 
 
 def test_hnd_layout_is_refused_naming_the_variable(monkeypatch):
     monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
     with pytest.raises(ValueError, match="unset SGLANG_USE_HND_KVCACHE"):
-        plugin.pool_view(MHATokenToKVPool(64, **MHA))
+        pools.pool_view(MHATokenToKVPool(64, **MHA))
 
 
 class _Config:
@@ -92,10 +92,10 @@ class _Config:
 def test_model_identity_depends_on_config_shapes_and_values_not_path():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
-    base = plugin.model_identity(_Config(layers=2, _name_or_path="/a"), model)
-    assert base == plugin.model_identity(_Config(layers=2, _name_or_path="/b"), model)
-    assert base != plugin.model_identity(_Config(layers=3, _name_or_path="/a"), model)
+    base = identity.model_identity(_Config(layers=2, _name_or_path="/a"), model)
+    assert base == identity.model_identity(_Config(layers=2, _name_or_path="/b"), model)
+    assert base != identity.model_identity(_Config(layers=3, _name_or_path="/a"), model)
     with torch.no_grad():
         model.weight[0, 0] += 1
-    assert base != plugin.model_identity(_Config(layers=2, _name_or_path="/a"), model)
-    assert base != plugin.model_identity(_Config(layers=2), torch.nn.Linear(4, 5))
+    assert base != identity.model_identity(_Config(layers=2, _name_or_path="/a"), model)
+    assert base != identity.model_identity(_Config(layers=2), torch.nn.Linear(4, 5))

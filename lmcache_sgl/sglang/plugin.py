@@ -10,18 +10,15 @@ cache flush that follows. Only SGLang's plugin and hook API is used.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import time
 import weakref
 
-import torch
-import xxhash
-
 from ..config import load_config
 from ..engine import CacheEngine, KVPoolView
-from ..keys import model_fingerprint
 from ..metrics import install_exporter
+from .identity import adapter_digest, model_identity
+from .pools import kv_dtype_name, pool_view
 from .shutdown import flush_on_signals
 
 log = logging.getLogger("lmcache_sgl")
@@ -111,154 +108,6 @@ def _after_flush_cache(flushed, scheduler, *args, **kwargs):
             model_id.hex(), time.perf_counter() - started,
         )
     return flushed
-
-
-# ---- KV pools ------------------------------------------------------------------------
-_SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer", "native_v_scale_buffer", "dq_k_buffer", "dq_v_buffer")
-_KV_DTYPE_FIX = "set --kv-cache-dtype to auto, bf16, fp8_e4m3 or fp8_e5m2"
-_REFUSED_POOLS = {
-    "MHATokenToKVPoolFP4": f"keeps per-block scales beside K and V: {_KV_DTYPE_FIX}",
-    "MHATokenToKVPoolMXFP8": f"keeps per-block scales beside K and V: {_KV_DTYPE_FIX}",
-    "MLATokenToKVPoolFP4": f"keeps per-block scales beside the latent KV: {_KV_DTYPE_FIX}",
-    "DSATokenToKVPool": "keeps DeepSeek sparse-attention (DSA/NSA) index keys in buffers of their own: "
-                        "serve this model without --enable-lmcache",
-    "UnifiedMHATokenToKVPool": "indexes page-major per-layer views: drop --enable-unified-memory",
-    "UnifiedMLATokenToKVPool": "indexes page-major per-layer views: drop --enable-unified-memory",
-}
-
-
-_LAYOUT_FIX = {"hnd": "unset SGLANG_USE_HND_KVCACHE", "vectorized_5d": "set SGLANG_AITER_KV_CACHE_LAYOUT=nhd"}
-
-
-def pool_view(kvcache) -> KVPoolView:
-    """The engine's view of SGLang's KV pool. Accepted are exactly SGLang's plain MHA and
-    MLA pools whose KV lives only in per-layer [slot, heads, dim] buffers of one shape
-    (what the gather/scatter kernels move); anything else raises ValueError naming the
-    setting to change."""
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
-
-    name = type(kvcache).__name__
-    if type(kvcache) is MHATokenToKVPool:
-        _check_mha(kvcache)
-        view = KVPoolView("mha", (*kvcache.k_buffer, *kvcache.v_buffer))
-        row = (kvcache.head_num, kvcache.head_dim)
-    elif type(kvcache) is MLATokenToKVPool:
-        if kvcache.use_dsa or kvcache.kv_scale_buffer is not None:
-            raise ValueError(f"lmcache-sgl does not support the KV pool {name} with DSA index keys or KV scales: "
-                             "serve this model without --enable-lmcache")
-        view = KVPoolView("mla", tuple(kvcache.kv_buffer))
-        row = (1, kvcache.kv_lora_rank + kvcache.qk_rope_head_dim)
-    else:
-        why = _REFUSED_POOLS.get(name, "is not a plain MHA or MLA pool: serve this model without --enable-lmcache")
-        raise ValueError(f"lmcache-sgl does not support the KV pool {name}: it {why}")
-    for buf in view.buffers:
-        if tuple(buf.shape[1:]) != row or buf.shape[0] < kvcache.size + kvcache.page_size \
-                or buf.dtype != kvcache.store_dtype or not buf.is_contiguous():
-            raise ValueError(
-                f"lmcache-sgl does not support the KV pool {name}: a buffer is {buf.dtype}{tuple(buf.shape)}, not "
-                f"contiguous {kvcache.store_dtype}[slots, {', '.join(map(str, row))}]: serve this model without --enable-lmcache"
-            )
-    return view
-
-
-def _check_mha(kvcache) -> None:
-    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import UnquantizedKVCacheMethod
-
-    name = type(kvcache).__name__
-    if type(kvcache.quant_method) is not UnquantizedKVCacheMethod or any(getattr(kvcache, a, None) is not None for a in _SCALE_BUFFERS):
-        raise ValueError(f"lmcache-sgl does not support the KV pool {name} with the KV quantization method "
-                         f"{kvcache.quant_method.name!r} (packed KV, scale buffers): {_KV_DTYPE_FIX}")
-    if kvcache.kv_cache_layout != "nhd":
-        fix = _LAYOUT_FIX.get(kvcache.kv_cache_layout, "serve this model without --enable-lmcache")
-        raise ValueError(f"lmcache-sgl does not support the KV pool {name} in the {kvcache.kv_cache_layout!r} layout, "
-                         f"which does not index token slots: {fix}")
-    if kvcache.v_head_dim != kvcache.head_dim:
-        raise ValueError(f"lmcache-sgl does not support the KV pool {name} with K head dim {kvcache.head_dim} and V head dim "
-                         f"{kvcache.v_head_dim} (K and V rows differ): serve this model without --enable-lmcache")
-
-
-def kv_dtype_name(kvcache, server_args) -> str:
-    """The logical KV dtype: the pool's dtype as resolved from --kv-cache-dtype (every fp8
-    format is stored as uint8), with the flag's own value."""
-    return f"{str(kvcache.dtype).removeprefix('torch.')}/{server_args.kv_cache_dtype}"
-
-
-# ---- identities ----------------------------------------------------------------------
-_SLICE_BYTES = 64 << 20  # bytes of a device tensor copied to the CPU at a time
-_KV_SCALES = ("k_scale", "v_scale", "k_scale_float", "v_scale_float")  # RadixAttention's fp8 KV scales
-
-
-def tensors_digest(named_tensors) -> bytes:
-    """xxh3-128 of the names, dtypes, shapes and every byte of (name, tensor) pairs, in
-    order. CPU tensors are hashed in place; others are copied to the CPU in slices of
-    64 MiB (CUDA: through two pinned buffers, so one slice copies while the last hashes)."""
-    h, staging = xxhash.xxh3_128(), None
-    for name, tensor in named_tensors:
-        tensor = tensor.detach()
-        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
-        h.update(len(header).to_bytes(8, "little") + header)
-        data = tensor.reshape(-1).view(torch.uint8)
-        if data.device.type == "cpu":
-            h.update(data.numpy())
-        elif data.device.type == "cuda":
-            if staging is None:
-                torch.cuda.synchronize(data.device)  # the weights may just have been written on another stream
-                staging = [torch.empty(_SLICE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            _hash_cuda(h, data, staging)
-        else:
-            for start in range(0, data.numel(), _SLICE_BYTES):
-                h.update(data[start : start + _SLICE_BYTES].cpu().numpy())
-    return h.digest()
-
-
-def _hash_cuda(h, data: torch.Tensor, staging: list[torch.Tensor]) -> None:
-    pending = None  # (pinned slice, its copy's event)
-    with torch.cuda.device(data.device):
-        for i, start in enumerate(range(0, data.numel(), _SLICE_BYTES)):
-            piece = data[start : start + _SLICE_BYTES]
-            buf = staging[i % 2][: piece.numel()]
-            buf.copy_(piece, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            if pending is not None:
-                pending[1].synchronize()
-                h.update(pending[0].numpy())
-            pending = (buf, event)
-        if pending is not None:
-            pending[1].synchronize()
-            h.update(pending[0].numpy())
-
-
-def _kv_scales(model: torch.nn.Module):
-    """(name, tensor) of the KV scales attention layers hold outside their parameters
-    (floats, or tensors set by load_kv_cache_scales)."""
-    for module_name, module in model.named_modules():
-        for attr in _KV_SCALES:
-            value = getattr(module, attr, None)
-            if isinstance(value, (int, float)):
-                value = torch.tensor(float(value), dtype=torch.float64)
-            if isinstance(value, torch.Tensor):
-                yield f"{module_name}.{attr}", value
-
-
-def model_identity(hf_config, model: torch.nn.Module) -> bytes:
-    """Fingerprint of the model: its config (minus paths) and every byte of every
-    parameter, buffer and KV scale; any change to one of them changes it."""
-    config = {k: v for k, v in hf_config.to_dict().items() if k not in ("_name_or_path", "_commit_hash", "transformers_version")}
-    with torch.no_grad():
-        named = [(f"param:{n}", t) for n, t in model.named_parameters()]
-        named += [(f"buffer:{n}", t) for n, t in model.named_buffers()]
-        named += [(f"kv_scale:{n}", t) for n, t in _kv_scales(model)]
-        return model_fingerprint(config, tensors_digest(named))
-
-
-def adapter_digest(adapter) -> bytes:
-    """Digest of a loaded SGLang LoRAAdapter: its PEFT config, scaling and every byte of
-    its weights (held on the CPU by SGLang)."""
-    named = [(f"{i}.{n}", t) for i, layer in enumerate(adapter.layers) for n, t in sorted(layer.weights.items())]
-    named += sorted(adapter.embedding_layers.items()) + sorted(adapter.added_tokens_embeddings.items())
-    config = {"config": adapter.config.hf_config, "scaling": adapter.scaling}
-    return model_fingerprint(config, tensors_digest(named))
 
 
 class ServedEngine(CacheEngine):
