@@ -96,6 +96,7 @@ class CacheEngine:
         self._seeds: OrderedDict[tuple[str | None, str | None], bytes] = OrderedDict()  # LRU, at most MAX_SEEDS
         self._errors = RateLimitedLog(log, "lmcache-sgl")
         self._closed = False
+        self.paused = False  # while set (e.g. while the weights change), the tiers find and store nothing
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         usage = self.stack.usage()
@@ -134,7 +135,9 @@ class CacheEngine:
     def hit_length(self, chunks: Sequence[Chunk], known: int = 0, *, record: bool = False) -> int:
         """Tokens from 0 covered by present chunks, trusting the first `known` tokens
         (already on the device) without asking the tiers for them. `record`: count this
-        lookup in the metrics (once per request, not once per call)."""
+        lookup in the metrics (once per request, not once per call). While paused: `known`."""
+        if self.paused:
+            return known
         first = next((i for i, c in enumerate(chunks) if c.end > known), len(chunks))
         tiers = self.stack.lookup_tiers([c.key for c in chunks[first:]])
         if record and first < len(chunks):
@@ -155,7 +158,9 @@ class CacheEngine:
     def store(self, chunks: Sequence[Chunk], slots: torch.Tensor) -> int:
         """Store every chunk not yet stored whose tokens all have slots (slots[t] holds
         token t). Returns how many were stored; a chunk that fails is skipped, counted
-        and logged, never raised."""
+        and logged, never raised. While paused: nothing."""
+        if self.paused:
+            return 0
         started, stored = time.perf_counter(), 0
         for c in chunks:
             try:

@@ -169,7 +169,7 @@ def test_tiers_pause_from_a_weight_change_to_the_next_flush(tmp_path):
     assert engine.hit_length(chunks) == 0 and engine.seed() == old_seed
 
     plugin._after_flush_cache(True, scheduler)
-    assert not engine.weights_changing
+    assert not engine.paused
     assert engine.seed() != old_seed
     assert engine.seed() == _engine(tmp_path, _pool(), model=model).seed()
     assert engine.hit_length(chunks) == 8  # the old keys are still there, but no request makes them again

@@ -83,12 +83,12 @@ def _before_weight_change(manager, *args, **kwargs):
     the next successful cache flush (the device tree may hold KV of the old weights)."""
     engine = _served_engine(manager.scheduler)
     if engine is not None:
-        engine.weights_changing = True
+        engine.paused = True
 
 
 def _after_weight_change(result, manager, *args, **kwargs):
     engine = _served_engine(manager.scheduler)
-    if engine is not None and engine.weights_changing:
+    if engine is not None and engine.paused:
         log.warning("lmcache-sgl: the weights changed and the cache was not flushed: the tiers stay paused until /flush_cache succeeds")
     return result
 
@@ -97,12 +97,12 @@ def _after_flush_cache(flushed, scheduler, *args, **kwargs):
     """A successful flush after a weight change: no KV of the old weights is left on the
     device, so the tiers resume in the namespace of a fresh fingerprint of the weights."""
     engine = _served_engine(scheduler)
-    if flushed and engine is not None and engine.weights_changing:
+    if flushed and engine is not None and engine.paused:
         runner = scheduler.tp_worker.model_runner
         started = time.perf_counter()
         model_id = model_identity(runner.model_config.hf_config, runner.model)
         engine.set_model(model_id)
-        engine.weights_changing = False
+        engine.paused = False
         log.info(
             "lmcache-sgl: the weights changed: new model fingerprint %s (%.2f s); KV stored under the old weights is never used",
             model_id.hex(), time.perf_counter() - started,
@@ -111,13 +111,12 @@ def _after_flush_cache(flushed, scheduler, *args, **kwargs):
 
 
 class ServedEngine(CacheEngine):
-    """The CacheEngine of a served model. A LoRA adapter is named by a digest of its
-    weights, not by its id; while `weights_changing`, the tiers find and store nothing."""
+    """The CacheEngine of a served model: a LoRA adapter is named by a digest of its
+    weights, not by its id."""
 
     def __init__(self, *args, lora_manager=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lora_manager = lora_manager  # SGLang's LoRAManager, or None without LoRA
-        self.weights_changing = False
         self._adapter_digests: "weakref.WeakKeyDictionary[object, bytes]" = weakref.WeakKeyDictionary()
 
     def seed(self, extra_key: str | None = None, cache_salt: str | None = None) -> bytes:
@@ -136,11 +135,6 @@ class ServedEngine(CacheEngine):
                 return f"{extra_key[: len(extra_key) - len(lora_id)]}\0lora:{digest.hex()}"
         return extra_key
 
-    def hit_length(self, chunks, known: int = 0, **kwargs) -> int:
-        return known if self.weights_changing else super().hit_length(chunks, known, **kwargs)
-
-    def store(self, chunks, slots) -> int:
-        return 0 if self.weights_changing else super().store(chunks, slots)
 
 
 def served_engine(ctx, config, kvcache, pool: KVPoolView) -> ServedEngine:
