@@ -25,7 +25,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 
 from lmcache_sgl.config import LMCacheConfig
 from lmcache_sgl.engine import CacheEngine
-from lmcache_sgl.sglang.plugin import pool_view
+from lmcache_sgl.sglang.pools import pool_view
 from lmcache_sgl.sglang.radix_cache import LMCacheRadixCache
 
 POOL_TOKENS = 1024
