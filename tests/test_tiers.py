@@ -336,30 +336,3 @@ def test_planted_fifo_and_symlink_are_never_read(tmp_path):
     assert done.wait(5), "reading a FIFO blocked"
     assert not disk.get_into(key(1), LAYOUT, out)
     disk.close()
-
-
-def test_engine_load_survives_a_tier_that_raises_midway(tmp_path):
-    """A tier raising on the 2nd of 3 chunks: the load returns False, every pin is
-    released, the failure is counted; nothing is raised to the caller."""
-    from lmcache_sgl.config import LMCacheConfig
-    from lmcache_sgl.engine import CacheEngine, KVPoolView
-
-    buffers = tuple(torch.randn(64, 1, 8) for _ in range(2))
-    engine = CacheEngine(LMCacheConfig(chunk_size=4, max_local_cpu_size=0.001), KVPoolView("mha", buffers), b"m")
-    chunks = engine.chunks(engine.seed(), list(range(12)))
-    assert engine.store(chunks, torch.arange(1, 13)) == 3
-    hot, real_pin, calls = engine.stack.hot, engine.stack.hot.pin, []
-
-    def pin(k, layout):
-        calls.append(k)
-        if len(calls) == 2:
-            raise RuntimeError("tier broke")
-        return real_pin(k, layout)
-
-    hot.pin = pin
-    assert not engine.load(chunks, 0, torch.arange(20, 32))
-    assert all(e.pins == 0 for e in hot._entries.values())
-    assert engine.stats()["failed_loads_total"] == {"miss": 1}
-    hot.pin = real_pin
-    assert engine.load(chunks, 0, torch.arange(20, 32))
-    assert torch.equal(buffers[0][20:32], buffers[0][1:13]) and torch.equal(buffers[1][20:32], buffers[1][1:13])
