@@ -59,3 +59,23 @@ def test_seed_table_is_bounded_and_seeds_stay_stable():
         engine.seed(f"tenant-{i}", "salt")
     assert len(engine._seeds) == MAX_SEEDS
     assert engine.seed("tenant-0", None) == first  # recomputed after eviction: the same digest
+
+
+def test_protect_that_raises_in_a_later_tier_keeps_nothing(tmp_path):
+    from lmcache_sgl.storage import CpuTier, DiskTier, Payload, TierStack
+    from lmcache_sgl.codec import ChunkLayout
+
+    layout = ChunkLayout("bytes", "uint8", (100,))
+    disk = DiskTier(str(tmp_path), 10**6)
+    stack = TierStack(CpuTier(1000, 100), [disk], write_through=False)
+    stack.store(b"a" * 16, layout, lambda buf: buf.fill_(1))
+    disk.put(b"b" * 16, layout, Payload(torch.ones(100, dtype=torch.uint8), 100))
+    disk.flush()
+
+    def broken(keys):
+        raise OSError("disk tier broke")
+
+    disk.protect = broken
+    assert stack.protect([b"a" * 16, b"b" * 16]) is None
+    assert all(e.pins == 0 for e in stack.hot._entries.values())  # the CPU tier's protection was undone
+    disk.close()

@@ -76,18 +76,24 @@ class TierStack:
 
     def protect(self, keys: Sequence[bytes]) -> Protection | None:
         """Keep every key from eviction, each in the first tier that holds it, until
-        unprotect(handle); None (and nothing kept) if some key is in no tier."""
+        unprotect(handle); None (and nothing kept) if some key is in no tier or a tier
+        raised."""
         held, rest = [], list(keys)
-        for tier in self.tiers:
-            if not rest:
-                break
-            got = tier.protect(rest)
-            if got.keys:
-                held.append((tier, got))
-                taken = set(got.keys)
-                rest = [k for k in rest if k not in taken]
+        try:
+            for tier in self.tiers:
+                if not rest:
+                    break
+                got = tier.protect(rest)
+                if got.keys:
+                    held.append((tier, got))
+                    taken = set(got.keys)
+                    rest = [k for k in rest if k not in taken]
+            complete = not rest
+        except Exception as e:  # a broken tier: keep nothing, promise nothing
+            self._errors.warn("protect", "protecting chunks failed, counted as a miss: %r", e)
+            complete = False
         handle = Protection(tuple(held))
-        if rest:
+        if not complete:
             self.unprotect(handle)
             return None
         return handle
