@@ -113,10 +113,11 @@ class CpuTier:
         start = slab * self.slab_bytes
         return self._arena[start : start + nbytes]
 
-    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None]) -> bool:
+    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None], *, pins: int = 0) -> bool:
         """Store a chunk whose bytes `fill(buffer)` writes; False if present or no room.
 
-        Evicts unpinned entries, least recently used first, to make room.
+        Evicts unpinned entries, least recently used first, to make room. The new entry
+        starts with `pins` pins (see lent()).
         """
         if layout.nbytes > self.slab_bytes:
             raise ValueError(f"chunk of {layout.nbytes} bytes exceeds the slab size {self.slab_bytes}")
@@ -140,10 +141,17 @@ class CpuTier:
             raise
         with self._lock:
             self._filling.discard(key)
-            self._entries[key] = _Entry(slab, layout)
+            self._entries[key] = _Entry(slab, layout, pins=pins)
         self.metrics.inc("stored_chunks_total", tier=self.name)
         self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
         return True
+
+    def lent(self, key: bytes) -> Payload:
+        """The bytes of an entry that the caller pinned (store's `pins`), as a Payload for
+        a cold tier's writer: releasing it is the caller's unpin."""
+        with self._lock:
+            entry = self._entries[key]
+            return Payload(self._view(entry.slab, entry.layout.nbytes), 0, lambda: self.unpin(key))
 
     def _lru_unpinned(self) -> bytes | None:
         return next((k for k, e in self._entries.items() if e.pins == 0), None)
@@ -171,12 +179,6 @@ class CpuTier:
                 return None
             entry.pins += 1
             return self._view(entry.slab, layout.nbytes)
-
-    def lease(self, key: bytes, layout: ChunkLayout) -> Payload | None:
-        """The chunk's bytes as a Payload for a cold tier: pinned (so never evicted)
-        until the payload is released; recency unchanged. None if absent."""
-        view = self._pinned_view(key, layout)
-        return None if view is None else Payload(view, 0, lambda: self.unpin(key))
 
     def protect(self, keys: Sequence[bytes]) -> Held:
         with self._lock:

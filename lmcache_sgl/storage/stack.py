@@ -107,11 +107,10 @@ class TierStack:
         or no tier took it."""
         if self.contains(key):
             return False
-        if self.hot is not None and self.hot.store(key, layout, fill):
-            for tier in self.cold if self.write_through else ():
-                lease = self.hot.lease(key, layout)
-                if lease is not None:
-                    tier.put(key, layout, lease)
+        through = self.cold if self.write_through else []
+        if self.hot is not None and self.hot.store(key, layout, fill, pins=len(through)):
+            for tier in through:  # each write borrows the CPU copy, pinned until written
+                tier.put(key, layout, self.hot.lent(key))
             return True
         if not self.cold:
             self.metrics.inc("dropped_writes_total", reason="cpu_full")
