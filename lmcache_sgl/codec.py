@@ -1,13 +1,15 @@
 """Self-describing, verified chunk frames.
 
-frame = header | block table | payload | xxh3-128 digest of everything before it.
+frame = header | block table | blocks | xxh3-128 digest of header and block table.
 
 The header names the chunk key, the layout (kind, dtype, shape), the codec and the
-sizes. Codecs: raw (payload is the chunk's bytes) and zstd (the chunk is cut into
-blocks; each block is byte-plane shuffled, then zstd-compressed on its own, so blocks
-decode in parallel on every core; encoding runs in the caller's thread, a background
-writer). Decoding checks everything and raises a FrameError
-subclass on any mismatch: callers treat that as a miss, never as data.
+sizes. The chunk is cut into blocks of about 1 MiB; the block table holds each stored
+block's size and xxh3-64 digest, so blocks are read, verified and decoded in parallel on
+every core, and the trailing digest covers the table. Codecs: raw (a block is the
+chunk's bytes) and zstd (a block is byte-plane shuffled, then zstd-compressed on its
+own; encoding runs in the caller's thread, a background writer). Decoding checks
+everything and raises a FrameError subclass on any mismatch: callers treat that as a
+miss, never as data. Frames of version 1 (one digest over the whole frame) are refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from . import ops
 from .keys import KEY_BYTES
 
 MAGIC = b"LMSG"
-VERSION = 1
+VERSION = 2
 CODECS = {"raw": 0, "zstd": 1}
 KINDS = {"bytes": 0, "mha": 1, "mla": 2}
 DTYPES = {
@@ -44,11 +46,14 @@ DTYPES = {
 _DTYPE_CODES = {name: i for i, name in enumerate(DTYPES)}
 _DTYPE_NAMES = list(DTYPES)
 _KIND_NAMES = {code: name for name, code in KINDS.items()}
+_CODEC_NAMES = {code: name for name, code in CODECS.items()}
 MAX_DIMS = 6
 BLOCK_BYTES = 1 << 20
 # magic, version, codec, kind, dtype, ndim, key, shape[6], raw length, block size, blocks
 _HEADER = struct.Struct(f"<4sHBBBB{KEY_BYTES}s{MAX_DIMS}IQII")
+_ENTRY = struct.Struct("<QQ")  # a block's stored size and xxh3-64 digest
 _DIGEST_BYTES = 16
+HEADER_BYTES = _HEADER.size
 
 # torch.frombuffer warns on read-only buffers; frames are only ever read through them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -126,17 +131,31 @@ def _compress_block(block: torch.Tensor, elem: int, level: int) -> bytes:
     return cctx.compress(memoryview(shuffled.numpy()))
 
 
-def _decompress_block(block: memoryview, elem: int, out: torch.Tensor) -> None:
+def _decompress_into(block, elem: int, out: torch.Tensor) -> None:
+    """Decode one zstd block into `out` through a per-thread scratch buffer (no allocation)."""
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
+    scratch = _scratch("plain", out.numel() + 1)  # one byte more: a longer block is caught
+    view, got = memoryview(scratch.numpy())[: out.numel() + 1], 0
     try:
-        plain = dctx.decompress(block, max_output_size=out.numel())
+        with dctx.stream_reader(block) as reader:
+            while got < len(view) and (n := reader.readinto(view[got:])):
+                got += n
     except zstandard.ZstdError as e:
         raise MalformedFrame(f"zstd block does not decode: {e}") from e
-    if len(plain) != out.numel():
-        raise MalformedFrame(f"zstd block decodes to {len(plain)} bytes, expected {out.numel()}")
-    ops.unshuffle_bytes(_as_bytes_tensor(plain), out, elem)
+    if got != out.numel():
+        raise MalformedFrame(f"zstd block decodes to at least {got} bytes, expected {out.numel()}")
+    ops.unshuffle_bytes(scratch[:got], out, elem)
+
+
+def _scratch(name: str, nbytes: int) -> torch.Tensor:
+    """A per-thread buffer of at least `nbytes`, reused across calls."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_local, name, buf)
+    return buf
 
 
 def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "raw", level: int = 1) -> list:
@@ -148,24 +167,20 @@ def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "ra
     raw = data.reshape(-1).view(torch.uint8)
     if len(key) != KEY_BYTES or raw.numel() != layout.nbytes or codec not in CODECS:
         raise ValueError(f"cannot encode {raw.numel()} bytes as {layout} with key of {len(key)} bytes, codec {codec}")
+    elem = layout.itemsize
+    block_bytes = BLOCK_BYTES - BLOCK_BYTES % elem
+    pieces = raw.split(block_bytes) if raw.numel() else ()
     if codec == "raw":
-        blocks = [memoryview(raw.numpy())] if raw.numel() else []
-        block_bytes = raw.numel()
+        blocks = [memoryview(piece.numpy()) for piece in pieces]
     else:
-        elem = layout.itemsize
-        block_bytes = BLOCK_BYTES - BLOCK_BYTES % elem
-        pieces = raw.split(block_bytes)
-        blocks = [_compress_block(b, elem, level) for b in pieces]  # in the caller's (background) thread
+        blocks = [_compress_block(piece, elem, level) for piece in pieces]  # in the caller's (background) thread
     shape = tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
     header = _HEADER.pack(
         MAGIC, VERSION, CODECS[codec], KINDS[layout.kind], _DTYPE_CODES[layout.dtype], len(layout.shape),
         key, *shape, raw.numel(), block_bytes, len(blocks),
     )
-    table = struct.pack(f"<{len(blocks)}Q", *(len(b) for b in blocks))
-    digest = xxhash.xxh3_128()
-    for part in (header, table, *blocks):
-        digest.update(part)
-    return [header, table, *blocks, digest.digest()]
+    table = b"".join(_ENTRY.pack(len(block), xxhash.xxh3_64_intdigest(block)) for block in blocks)
+    return [header, table, *blocks, xxhash.xxh3_128_digest(header + table)]
 
 
 def frame_bytes(parts: Sequence) -> bytes:
@@ -178,12 +193,21 @@ class _Frame:
 
     codec: int
     block_bytes: int
-    sizes: tuple[int, ...]  # compressed size of each block
+    sizes: tuple[int, ...]  # stored size of each block
+    digests: tuple[int, ...]  # xxh3-64 of each stored block
     table_end: int  # offset of the first block
 
     @property
     def size(self) -> int:
         return self.table_end + sum(self.sizes) + _DIGEST_BYTES
+
+    def offsets(self) -> list[int]:
+        """Where each block starts in the frame."""
+        out, at = [], self.table_end
+        for size in self.sizes:
+            out.append(at)
+            at += size
+        return out
 
 
 def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[int, int, int]:
@@ -200,19 +224,20 @@ def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[in
     found = (_KIND_NAMES.get(kind), dtype_name, tuple(shape[:ndim]))
     if found != (layout.kind, layout.dtype, tuple(layout.shape)) or raw_len != layout.nbytes:
         raise LayoutMismatch(f"frame holds {found}, expected {layout}")
-    if raw_len and (block_bytes == 0 or nblocks != -(-raw_len // block_bytes)):
-        raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes cannot hold {raw_len} bytes")
+    if block_bytes != BLOCK_BYTES - BLOCK_BYTES % layout.itemsize or nblocks != -(-raw_len // block_bytes):
+        raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes do not match {raw_len} bytes of {layout.dtype}")
     return codec, block_bytes, nblocks
 
 
-def _parse_table(view: memoryview, codec: int, block_bytes: int, nblocks: int, raw_len: int) -> _Frame:
-    table_end = _HEADER.size + 8 * nblocks
-    if len(view) < table_end:
-        raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
-    sizes = struct.unpack_from(f"<{nblocks}Q", view, _HEADER.size)
+def _parse_table(head: bytes, table: bytes, digest: bytes, codec: int, block_bytes: int, raw_len: int) -> _Frame:
+    """The block table, after the trailing digest has confirmed header and table."""
+    if xxhash.xxh3_128_digest(head + table) != digest:
+        raise ChecksumMismatch("frame header or block table checksum mismatch")
+    entries = list(_ENTRY.iter_unpack(table))
+    sizes = tuple(size for size, _ in entries)
     if codec == CODECS["raw"] and any(size != min(block_bytes, raw_len - i * block_bytes) for i, size in enumerate(sizes)):
         raise MalformedFrame("raw block size does not match the layout")
-    return _Frame(codec, block_bytes, sizes, table_end)
+    return _Frame(codec, block_bytes, sizes, tuple(d for _, d in entries), len(head) + len(table))
 
 
 def _targets(out: torch.Tensor, frame: _Frame, nbytes: int) -> tuple:
@@ -222,72 +247,81 @@ def _targets(out: torch.Tensor, frame: _Frame, nbytes: int) -> tuple:
     return dst.split(frame.block_bytes) if nbytes else ()
 
 
-def _decode_blocks(blocks: Sequence, targets: Sequence[torch.Tensor], elem: int, parallel: bool) -> None:
-    runner = _workers().map if parallel else map
-    list(runner(lambda bt: _decompress_block(bt[0], elem, bt[1]), zip(blocks, targets)))
+def _check_block(block, expected: int) -> None:
+    if xxhash.xxh3_64_intdigest(block) != expected:
+        raise ChecksumMismatch("frame block checksum mismatch")
 
 
 def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
-    """Verify `frame` against `key` and `layout`, then write its chunk into `out`, its zstd
-    blocks decoded on every core when `parallel`, else on this thread (for callers that
-    decode several frames at once, one per core).
+    """Verify `frame` against `key` and `layout`, then write its chunk into `out`, its
+    blocks verified and decoded on every core when `parallel`, else on this thread (for
+    callers that decode several frames at once, one per core).
 
     `out` is a contiguous CPU tensor of layout.nbytes bytes. Raises a FrameError subclass
     (and leaves `out` unspecified) if the frame is cut, corrupt, or for another chunk.
     """
     view = memoryview(frame).cast("B")
     codec, block_bytes, nblocks = _parse_header(view, key, layout)
-    info = _parse_table(view, codec, block_bytes, nblocks, layout.nbytes)
+    table_end = _HEADER.size + _ENTRY.size * nblocks
+    if len(view) < table_end + _DIGEST_BYTES:
+        raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
+    info = _parse_table(
+        bytes(view[: _HEADER.size]), bytes(view[_HEADER.size : table_end]), bytes(view[-_DIGEST_BYTES:]),
+        codec, block_bytes, layout.nbytes,
+    )
     if len(view) != info.size:
         raise TruncatedFrame(f"frame of {len(view)} bytes, header says {info.size}")
-    if xxhash.xxh3_128_digest(view[:-_DIGEST_BYTES]) != bytes(view[-_DIGEST_BYTES:]):
-        raise ChecksumMismatch("frame checksum mismatch")
     targets = _targets(out, info, layout.nbytes)
-    offsets = [info.table_end]
-    for size in info.sizes:
-        offsets.append(offsets[-1] + size)
-    blocks = [view[offsets[i] : offsets[i + 1]] for i in range(nblocks)]
-    if codec == CODECS["raw"]:
-        for block, target in zip(blocks, targets):
-            target.copy_(_as_bytes_tensor(block))
-    else:
-        _decode_blocks(blocks, targets, layout.itemsize, parallel)
+    offsets = info.offsets()
+
+    def one(i: int) -> None:
+        block = view[offsets[i] : offsets[i] + info.sizes[i]]
+        _check_block(block, info.digests[i])
+        _decode_block(codec, block, layout.itemsize, targets[i])
+
+    _run(one, nblocks, parallel)
 
 
 def read_into(fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
-    """decode_into for a frame in an open file: a raw payload is read straight into `out`
-    (one copy) and hashed there; a zstd payload is read into a per-thread buffer reused
-    across reads. Raises FrameError as decode_into does, OSError on a read error."""
+    """decode_into for a frame in an open file: each block is read by the thread that
+    verifies and decodes it (raw blocks straight into `out`, zstd blocks into a per-thread
+    buffer). Raises FrameError as decode_into does, OSError on a read error."""
     head = _pread_exact(fd, _HEADER.size, 0)
-    codec, block_bytes, nblocks = _parse_header(head, key, layout)
-    if _HEADER.size + 8 * nblocks + _DIGEST_BYTES > file_size:
+    codec, block_bytes, nblocks = _parse_header(memoryview(head), key, layout)
+    table_end = _HEADER.size + _ENTRY.size * nblocks
+    if table_end + _DIGEST_BYTES > file_size:
         raise TruncatedFrame(f"frame of {file_size} bytes is cut inside its block table")
-    table = _pread_exact(fd, 8 * nblocks, _HEADER.size)
-    info = _parse_table(memoryview(head.tobytes() + table.tobytes()), codec, block_bytes, nblocks, layout.nbytes)
+    table = _pread_exact(fd, table_end - _HEADER.size, _HEADER.size)
+    digest = _pread_exact(fd, _DIGEST_BYTES, file_size - _DIGEST_BYTES)
+    info = _parse_table(head, table, digest, codec, block_bytes, layout.nbytes)
     if file_size != info.size:
         raise TruncatedFrame(f"frame of {file_size} bytes, header says {info.size}")
     targets = _targets(out, info, layout.nbytes)
-    digest = xxhash.xxh3_128(head)
-    digest.update(table)
-    payload_bytes = sum(info.sizes)
+    offsets = info.offsets()
+
+    def one(i: int) -> None:
+        size = info.sizes[i]
+        buf = targets[i] if codec == CODECS["raw"] else _scratch("stored", size)[:size]
+        view = memoryview(buf.numpy())
+        _preadv_exact(fd, view, offsets[i])
+        _check_block(view, info.digests[i])
+        if codec != CODECS["raw"]:
+            _decompress_into(view, layout.itemsize, targets[i])
+
+    _run(one, nblocks, parallel)
+
+
+def _decode_block(codec: int, block: memoryview, elem: int, out: torch.Tensor) -> None:
     if codec == CODECS["raw"]:
-        payload = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if payload_bytes else memoryview(b"")
-        _preadv_exact(fd, payload, info.table_end)
+        out.copy_(_as_bytes_tensor(block))
     else:
-        buffer = getattr(_local, "read_buffer", None)
-        if buffer is None or len(buffer) < payload_bytes:
-            buffer = _local.read_buffer = bytearray(payload_bytes)
-        payload = memoryview(buffer)[:payload_bytes]
-        _preadv_exact(fd, payload, info.table_end)
-    digest.update(payload)
-    if digest.digest() != _pread_exact(fd, _DIGEST_BYTES, info.table_end + payload_bytes).tobytes():
-        raise ChecksumMismatch("frame checksum mismatch")
-    if codec != CODECS["raw"]:
-        offsets = [0]
-        for size in info.sizes:
-            offsets.append(offsets[-1] + size)
-        blocks = [payload[offsets[i] : offsets[i + 1]] for i in range(nblocks)]
-        _decode_blocks(blocks, targets, layout.itemsize, parallel)
+        _decompress_into(block, elem, out)
+
+
+def _run(fn, count: int, parallel: bool) -> None:
+    """fn(i) for i in range(count): on every core when `parallel` (the first error is raised)."""
+    runner = _workers().map if parallel and count > 1 else map
+    list(runner(fn, range(count)))
 
 
 def _preadv_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -299,7 +333,7 @@ def _preadv_exact(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
-def _pread_exact(fd: int, nbytes: int, offset: int) -> memoryview:
-    view = memoryview(bytearray(nbytes))
-    _preadv_exact(fd, view, offset)
-    return view
+def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+    buf = bytearray(nbytes)
+    _preadv_exact(fd, memoryview(buf), offset)
+    return bytes(buf)

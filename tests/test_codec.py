@@ -141,3 +141,11 @@ def test_read_into_a_file_matches_decode_and_refuses_damage(tmp_path_factory, co
         read(bytes(damaged))
     with pytest.raises(FrameError):
         read(bytes(frame[: cut % len(frame)]))
+
+
+def test_frames_of_another_version_are_refused():
+    layout = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 8))
+    frame = bytearray(frame_bytes(encode(KEY, layout, torch.randn(layout.shape).to(torch.bfloat16), "zstd")))
+    frame[4:6] = (1).to_bytes(2, "little")  # version 1: one digest over the whole frame
+    with pytest.raises(FrameError, match="not a version-2 frame"):
+        decode_into(bytes(frame), KEY, layout, torch.empty(layout.nbytes, dtype=torch.uint8))
