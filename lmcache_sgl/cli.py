@@ -2,6 +2,7 @@
 
     lmcache-sgl make-model DIR --preset tiny|small|mla-tiny [--seed N] [--force]
     lmcache-sgl serve [--model-dir DIR] [--preset small] [--port 30000] [-- SGLANG ARGS...]
+    lmcache-sgl cache stats|verify|clear DIR ...   (see lmcache_sgl/inspect_cache.py)
 
 ``serve`` builds the model if missing, then replaces itself with the real SGLang server
 (``python -m sglang.launch_server``), in CPU mode on a machine without a GPU; every
@@ -16,7 +17,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from . import models
+from . import inspect_cache, models
 
 
 def default_model_dir(preset: str, seed: int) -> Path:
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=30000)
     sv.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
+    inspect_cache.add_parser(sub)
     return p
 
 
@@ -83,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
     args = _parser().parse_args(argv)
+    if args.command in ("make-model", "cache") and passthrough:
+        _parser().error(f"{args.command} takes no arguments after --")
+    if args.command == "cache":
+        return inspect_cache.run(args)
     if args.command == "make-model":
-        if passthrough:
-            _parser().error("make-model takes no arguments after --")
         path = models.make_model(args.dir, args.preset, args.seed, force=args.force)
         print(path)
         return 0

@@ -210,23 +210,51 @@ class _Frame:
         return out
 
 
-def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[int, int, int]:
-    """(codec, block bytes, number of blocks) of the header at the start of `view`."""
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a frame's header says: consistent, but not checked against an expected key or
+    layout, nor against the frame's digests."""
+
+    key: bytes
+    layout: ChunkLayout
+    codec: str
+    block_bytes: int
+    nblocks: int
+
+
+def parse_header(buf) -> FrameHeader:
+    """The header at the start of `buf` (at least HEADER_BYTES of a frame); raises
+    TruncatedFrame or MalformedFrame if it is cut, not a frame of this version, or names
+    no valid layout or blocks."""
+    view = memoryview(buf).cast("B")
     if len(view) < _HEADER.size:
         raise TruncatedFrame(f"frame of {len(view)} bytes is shorter than a header")
-    magic, version, codec, kind, dtype, ndim, fkey, *rest = _HEADER.unpack_from(view)
+    magic, version, codec, kind, dtype, ndim, key, *rest = _HEADER.unpack_from(view)
     shape, (raw_len, block_bytes, nblocks) = rest[:MAX_DIMS], rest[MAX_DIMS:]
-    if magic != MAGIC or version != VERSION or codec not in CODECS.values():
+    if magic != MAGIC or version != VERSION or codec not in _CODEC_NAMES:
         raise MalformedFrame(f"not a version-{VERSION} frame (magic {magic!r}, version {version}, codec {codec})")
-    if fkey != key:
-        raise KeyMismatch(f"frame holds key {fkey.hex()}, expected {key.hex()}")
-    dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else None
-    found = (_KIND_NAMES.get(kind), dtype_name, tuple(shape[:ndim]))
-    if found != (layout.kind, layout.dtype, tuple(layout.shape)) or raw_len != layout.nbytes:
-        raise LayoutMismatch(f"frame holds {found}, expected {layout}")
+    dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else f"dtype code {dtype}"
+    try:
+        layout = ChunkLayout(_KIND_NAMES.get(kind, f"kind code {kind}"), dtype_name, tuple(shape[:ndim]))
+    except ValueError as e:
+        raise MalformedFrame(f"header names no valid layout: {e}") from None
+    if raw_len != layout.nbytes:
+        raise MalformedFrame(f"header says {raw_len} bytes for {layout}")
     if block_bytes != BLOCK_BYTES - BLOCK_BYTES % layout.itemsize or nblocks != -(-raw_len // block_bytes):
         raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes do not match {raw_len} bytes of {layout.dtype}")
-    return codec, block_bytes, nblocks
+    return FrameHeader(key, layout, _CODEC_NAMES[codec], block_bytes, nblocks)
+
+
+def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[int, int, int]:
+    """(codec, block bytes, number of blocks) of the header at the start of `view`, which
+    must hold `key` and `layout`."""
+    header = parse_header(view)
+    if header.key != key:
+        raise KeyMismatch(f"frame holds key {header.key.hex()}, expected {key.hex()}")
+    found = header.layout
+    if (found.kind, found.dtype, found.shape) != (layout.kind, layout.dtype, tuple(layout.shape)):
+        raise LayoutMismatch(f"frame holds {found}, expected {layout}")
+    return CODECS[header.codec], header.block_bytes, header.nblocks
 
 
 def _parse_table(head: bytes, table: bytes, digest: bytes, codec: int, block_bytes: int, raw_len: int) -> _Frame:

@@ -35,8 +35,8 @@ from .writer import AsyncWriter, IdleSignal
 log = logging.getLogger("lmcache_sgl")
 SUFFIX = ".lmsg"
 LOCK_FILE = ".lmcache-sgl.lock"
-_FRAME = re.compile(r"[0-9a-f]{32}\.lmsg")
-_OWN_TEMP = re.compile(r"[0-9a-f]{32}\.lmsg\.\d+\.tmp")
+FRAME_NAME = re.compile(r"[0-9a-f]{32}\.lmsg")  # a frame file's name
+TEMP_NAME = re.compile(r"[0-9a-f]{32}\.lmsg\.\d+\.tmp")  # this project's temp files
 _ENOSPC_RETRIES = 2
 
 
@@ -63,7 +63,7 @@ class DiskTier:
         self._protected: Counter[bytes] = Counter()  # keys that eviction must skip
         self._lock = threading.Lock()
         self._io_errors = RateLimitedLog(log, f"lmcache-sgl disk tier {path}")
-        self._lock_fd = _claim_directory(path)
+        self._lock_fd = claim_directory(path)
         self._rebuild_index()
         self.writer = AsyncWriter(
             self._write, name="disk", idle=idle, max_bytes=max_queue_bytes, max_delay_s=max_delay_s,
@@ -77,9 +77,9 @@ class DiskTier:
     def _rebuild_index(self) -> None:
         found = []
         for entry in os.scandir(self.path):
-            if _OWN_TEMP.fullmatch(entry.name):
+            if TEMP_NAME.fullmatch(entry.name):
                 _unlink(entry.path)  # a write cut short by a crash
-            elif _FRAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            elif FRAME_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
                 found.append((st.st_mtime_ns, bytes.fromhex(entry.name[: -len(SUFFIX)]), st.st_size))
         for _, key, size in sorted(found):
@@ -230,9 +230,9 @@ class DiskTier:
                 _unlink(self._file(key))
 
 
-def _claim_directory(path: str) -> int:
+def claim_directory(path: str) -> int:
     """Create `path` (0700) or check that it is safely ours, then take its lock; the
-    lock's file descriptor. Raises DiskDirectoryError."""
+    lock's file descriptor (closing it releases the lock). Raises DiskDirectoryError."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.lstat(path)
@@ -253,7 +253,7 @@ def _claim_directory(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        owner = _lock_owner(fd)
         os.close(fd)
         raise DiskDirectoryError(
             f"lmcache-sgl disk tier: {path!r} is in use by another live process (pid {owner}); "
@@ -264,15 +264,46 @@ def _claim_directory(path: str) -> int:
     return fd
 
 
-def _read_frame(path: str, key: bytes, layout: ChunkLayout, out: torch.Tensor, parallel: bool) -> None:
-    """Read and verify the frame at `path` into `out`; OSError if it is not a regular
-    file (never follows a link, never blocks on a FIFO or device), FrameError if bad."""
+def directory_in_use(path: str) -> str | None:
+    """The pid (as text, "unknown" if unrecorded) of the live process that holds the lock
+    of the disk tier directory `path`; None if none does. Only tries the lock: creates,
+    writes and keeps nothing."""
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_owner(fd)
+    finally:
+        os.close(fd)  # also releases a lock just taken
+    return None
+
+
+def _lock_owner(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def open_frame(path: str) -> tuple[int, int]:
+    """A read-only file descriptor of the frame file `path`, and its size; OSError if it
+    is not a regular file (never follows a link, never blocks on a FIFO or device)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
-        read_into(fd, st.st_size, key, layout, out, parallel=parallel)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _read_frame(path: str, key: bytes, layout: ChunkLayout, out: torch.Tensor, parallel: bool) -> None:
+    """Read and verify the frame at `path` into `out`; OSError as open_frame, FrameError if bad."""
+    fd, size = open_frame(path)
+    try:
+        read_into(fd, size, key, layout, out, parallel=parallel)
     finally:
         os.close(fd)
 
