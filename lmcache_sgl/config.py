@@ -13,6 +13,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -20,6 +21,7 @@ GB = 1024**3
 MAX_GB = 2**20  # 1 PiB: beyond any host's memory or local disk; its bytes (2**50) are integers a float holds exactly
 MAX_CHUNK_TOKENS = 2**24  # beyond any model's context length
 MAX_SECONDS = threading.TIMEOUT_MAX  # the longest timeout threading's waits accept (more raises OverflowError)
+REMOTE_SCHEMES = ("redis", "rediss", "unix", "redis-cluster", "rediss-cluster")
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,16 @@ class LMCacheConfig:
     max_disk_write_delay: float = 5.0  # seconds a write_through chunk may wait for an idle server before it goes to disk anyway
     max_write_queue_size: float = 1.0  # GB of chunk copies the asynchronous disk writer may hold in its queue
     shutdown_flush_timeout: float = 10.0  # seconds a stopping server waits for queued disk writes
+    remote_url: str | None = None  # the shared Redis tier: redis://, rediss://, unix://, redis-cluster://, rediss-cluster://
+    remote_serde: str = "naive"  # naive (raw frame) or zstd (the disk codec)
+    remote_timeout: float = 0.5  # seconds any one wait on Redis may take
+    remote_ttl: float = 0.0  # seconds a chunk lives in Redis (0: until the server evicts it)
+    remote_key_prefix: str = "lmcsgl:"  # prefix of every Redis key, so several deployments share one Redis
+    remote_hmac_key: str | None = None  # shared secret: every value carries an HMAC-SHA256 tag
+    remote_hmac_key_file: str | None = None  # the shared secret from a file instead
+    remote_tls_ca_file: str | None = None  # rediss: PEM CA bundle to verify the server
+    remote_tls_cert_file: str | None = None  # rediss: PEM client certificate
+    remote_tls_key_file: str | None = None  # rediss: PEM key of the client certificate
 
     @property
     def disk_path(self) -> str | None:
@@ -57,6 +69,17 @@ class LMCacheConfig:
     def disk_bytes(self) -> int:
         return int(self.max_local_disk_size * GB) if self.local_disk else 0
 
+    @property
+    def hmac_secret(self) -> bytes | None:
+        """The shared secret of the Redis tier (remote_hmac_key, or the file's contents
+        without a trailing newline); None without one."""
+        if self.remote_hmac_key is not None:
+            return self.remote_hmac_key.encode()
+        if self.remote_hmac_key_file is not None:
+            with open(os.path.expanduser(self.remote_hmac_key_file), "rb") as f:
+                return f.read().rstrip(b"\r\n")
+        return None
+
     def validated(self, page_size: int = 1, chunk_bytes: int | None = None) -> "LMCacheConfig":
         """Return self after checking every value; raise ConfigError naming the first bad key.
 
@@ -70,6 +93,8 @@ class LMCacheConfig:
             ("max_disk_write_delay", True, MAX_SECONDS),
             ("max_write_queue_size", True, MAX_GB),
             ("shutdown_flush_timeout", False, MAX_SECONDS),
+            ("remote_timeout", True, MAX_SECONDS),
+            ("remote_ttl", False, MAX_SECONDS),
         ):
             value = getattr(self, key)
             if not (0 < value if above_zero else 0 <= value) or not value <= high:  # NaN fails both
@@ -86,11 +111,68 @@ class LMCacheConfig:
             _check_writable_dir(self.disk_path or "")
         if self.save_decode_cache and not self.save_on_checkpoint:
             _bad("save_decode_cache", True, "has no effect unless 'save_on_checkpoint' is true")
+        self._check_remote()
         if chunk_bytes is not None and self.local_cpu and self.cpu_bytes < chunk_bytes:
             # chunk_bytes / GB is exact in a float and in 30 decimals, so the stated minimum is accepted
             smallest = f"{chunk_bytes / GB:.30f}".rstrip("0").rstrip(".")
             _bad("max_local_cpu_size", self.max_local_cpu_size, f"must hold one chunk with local_cpu: at least {smallest} GB")
         return self
+
+
+    def _check_remote(self) -> None:
+        tls_keys = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
+        if self.remote_url is None:
+            for key in ("remote_hmac_key", "remote_hmac_key_file", *tls_keys):
+                if getattr(self, key) is not None:
+                    _bad(key, "<set>", "has no effect unless 'remote_url' is set")
+            return
+        _check_remote_url(self.remote_url)
+        if self.remote_serde not in ("naive", "zstd"):
+            _bad("remote_serde", self.remote_serde, "must be naive or zstd")
+        if not self.remote_key_prefix.isprintable() or " " in self.remote_key_prefix or len(self.remote_key_prefix) > 256:
+            _bad("remote_key_prefix", self.remote_key_prefix, "must be at most 256 printable characters without spaces")
+        if self.remote_hmac_key is not None and self.remote_hmac_key_file is not None:
+            _bad("remote_hmac_key_file", self.remote_hmac_key_file, "and 'remote_hmac_key' are both set; set one")
+        if self.remote_hmac_key == "":
+            _bad("remote_hmac_key", "", "must not be empty")
+        if self.remote_hmac_key_file is not None:
+            try:
+                secret = self.hmac_secret
+            except OSError as e:
+                _bad("remote_hmac_key_file", self.remote_hmac_key_file, f"cannot be read ({e.strerror or e})")
+            if not secret:
+                _bad("remote_hmac_key_file", self.remote_hmac_key_file, "holds no secret")
+        tls = self.remote_url.startswith("rediss")
+        for key in tls_keys:
+            path = getattr(self, key)
+            if path is None:
+                continue
+            if not tls:
+                _bad(key, path, "needs a rediss:// or rediss-cluster:// 'remote_url'")
+            if not os.access(os.path.expanduser(path), os.R_OK):
+                _bad(key, path, "is not a readable file")
+        if (self.remote_tls_cert_file is None) != (self.remote_tls_key_file is None):
+            _bad("remote_tls_key_file", self.remote_tls_key_file, "and 'remote_tls_cert_file' must be set together")
+
+
+def _check_remote_url(url: str) -> None:
+    """Refuse a remote_url that names no server; the message never shows a password."""
+    parts = urlsplit(url)
+    shown = url if parts.password is None else url.replace(f":{parts.password}@", ":***@", 1)
+    if parts.scheme not in REMOTE_SCHEMES:
+        _bad("remote_url", shown, f"must start with one of {', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            _bad("remote_url", shown, "must name a socket path: unix:///path/to/redis.sock")
+        return
+    for node in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = node.rpartition(":") if ":" in node else (node, "", "")
+        if parts.scheme.endswith("-cluster") and not (host and port.isdigit()):
+            _bad("remote_url", shown, f"cluster node {node!r} is not host:port")
+        if not host or (port and not port.isdigit()) or not 0 < int(port or 6379) < 65536:
+            _bad("remote_url", shown, "must name host[:port]")
+    if "," in parts.netloc and not parts.scheme.endswith("-cluster"):
+        _bad("remote_url", shown, "lists several nodes: use redis-cluster://")
 
 
 def _bad(key: str, value: Any, why: str) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 PREFIX = "lmcache_sgl_"
-TIERS = ("cpu", "disk")
+TIERS = ("cpu", "disk", "redis")
 _REASON = re.compile(r"[a-z][a-z0-9_]*\Z")  # reasons are open-ended, but snake_case
 
 

@@ -2,7 +2,7 @@
 
 A tier keeps chunks: byte strings of a known ChunkLayout, named by a 16-byte key. The
 stack has one hot tier (the CPU arena, `CpuTier`, which hands out pinned views of its
-memory) and an ordered list of cold tiers (disk; later remote ones), which copy into a
+memory) and an ordered list of cold tiers (disk, Redis), which copy into a
 caller's buffer on read and write asynchronously. Every method of every tier is
 thread-safe. Tiers know nothing of models, of SGLang or of each other.
 """
@@ -10,7 +10,7 @@ thread-safe. Tiers know nothing of models, of SGLang or of each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Callable, ContextManager, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -75,6 +75,11 @@ class ColdTier(Tier, Protocol):
         """Read and verify the chunk into `out` (layout.nbytes bytes); False on a miss or
         a bad entry (which is dropped and counted, never returned). Refreshes recency.
         `parallel`: the tier may use every core for this one read."""
+
+    def reading(self, keys: Sequence[bytes]) -> ContextManager[None]:
+        """get_into and count_present calls for `keys` follow (from any thread) until the
+        context exits: a remote tier fetches them all now, in one round trip, and answers
+        those calls from what it fetched. Never raises; a tier with cheap reads does nothing."""
 
     def put(self, key: bytes, layout: ChunkLayout, data: Payload) -> bool:
         """Queue the chunk for writing and return at once; the tier owns `data` from now

@@ -14,6 +14,7 @@ regular files, and are verified; anything else is a miss, and the entry is dropp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -203,6 +204,10 @@ class DiskTier:
         return evicted
 
     # ---- reads -------------------------------------------------------------------
+    def reading(self, keys: Sequence[bytes]) -> contextlib.nullcontext:
+        """See ColdTier.reading: a file is read when it is wanted."""
+        return contextlib.nullcontext()
+
     def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
         """See ColdTier.get_into; `parallel`: see codec.decode_into."""
         with self._lock:

@@ -9,6 +9,7 @@ from ..metrics import CacheMetrics
 from .base import ColdTier
 from .cpu import CpuTier
 from .disk import DiskTier
+from .redis import RedisTier, TlsFiles
 from .stack import TierStack
 from .writer import IdleSignal
 
@@ -20,7 +21,8 @@ def build_stack(
     """The tiers of `config` for chunks of at most `slab_bytes`; raises ValueError when no
     tier is enabled. With tp_size > 1 each rank owns the subdirectory `tp<rank>of<size>`
     of the disk tier's directory and 1/tp_size of its budget, so the directory as a whole
-    stays within max_local_disk_size."""
+    stays within max_local_disk_size. The Redis tier (remote_url) comes after the disk
+    tier; TP ranks share it (their keys differ by the rank in the namespace)."""
     hot = CpuTier(config.cpu_bytes, slab_bytes, metrics=metrics) if config.local_cpu else None
     cold: list[ColdTier] = []
     if config.disk_path:
@@ -30,6 +32,14 @@ def build_stack(
             max_queue_bytes=int(config.max_write_queue_size * GB), max_delay_s=config.max_disk_write_delay,
             metrics=metrics,
         ))
+    if config.remote_url:
+        cold.append(RedisTier(
+            config.remote_url, serde=config.remote_serde, level=config.zstd_level, timeout_s=config.remote_timeout,
+            ttl_s=config.remote_ttl or None, key_prefix=config.remote_key_prefix, hmac_key=config.hmac_secret,
+            tls=TlsFiles(config.remote_tls_ca_file, config.remote_tls_cert_file, config.remote_tls_key_file),
+            idle=idle, max_queue_bytes=int(config.max_write_queue_size * GB), max_delay_s=config.max_disk_write_delay,
+            metrics=metrics,
+        ))
     if hot is None and not cold:
-        raise ValueError("lmcache config enables no tier: set local_cpu or local_disk")
+        raise ValueError("lmcache config enables no tier: set local_cpu, local_disk or remote_url")
     return TierStack(hot, cold, write_through=config.write_policy == "write_through", metrics=metrics)

@@ -10,6 +10,7 @@ under write_back, chunks the hot tier evicts are demoted to the cold tiers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -66,12 +67,19 @@ class TierStack:
     def lookup_tiers(self, keys: Sequence[bytes]) -> list[str]:
         """For each leading key present in some tier, the name of a tier holding it."""
         found: list[str] = []
+        stops = [-1] * len(self.tiers)  # where each tier's last answer ended: it lacks that key
         while len(found) < len(keys):
-            rest = keys[len(found) :]
-            step, tier = max((tier.count_present(rest), -i) for i, tier in enumerate(self.tiers))
+            rest, step, best = keys[len(found) :], 0, 0
+            for i, tier in enumerate(self.tiers):
+                if stops[i] == len(found):
+                    continue  # not asked twice about a key it lacks (a remote tier's round trip)
+                n = tier.count_present(rest)
+                stops[i] = len(found) + n
+                if n > step:
+                    step, best = n, i
             if step == 0:
                 break
-            found += [self.tiers[-tier].name] * step
+            found += [self.tiers[best].name] * step
         return found
 
     def protect(self, keys: Sequence[bytes]) -> Protection | None:
@@ -157,10 +165,16 @@ class TierStack:
     def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]]) -> list[Hit | None]:
         """get() of every (key, layout); a tier that raises costs that chunk (None, logged).
         Chunks that come from cold tiers are read and decoded concurrently, each on one
-        core. Release each one that is not None."""
-        if not self.cold or len(items) < 2:
-            return [self._get_or_none(key, layout, True) for key, layout in items]
-        return list(_readers().map(lambda item: self._get_or_none(*item, False), items))
+        core; each cold tier is first asked to fetch, at once, the keys no tier above it
+        holds (ColdTier.reading). Release each one that is not None."""
+        with contextlib.ExitStack() as batch:
+            wanted = [key for key, _ in items if self.hot is None or key not in self.hot]
+            for tier in self.cold:  # each cold tier fetches, at once, what the tiers above it lack
+                batch.enter_context(tier.reading(wanted))
+                wanted = [key for key in wanted if key not in tier]
+            if not self.cold or len(items) < 2:
+                return [self._get_or_none(key, layout, True) for key, layout in items]
+            return list(_readers().map(lambda item: self._get_or_none(*item, False), items))
 
     def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool) -> Hit | None:
         try:

@@ -1,0 +1,139 @@
+"""Real redis-server processes for tests: one server, or a Redis Cluster of masters, on
+free loopback ports, each in its own temporary directory, always stopped by a finalizer.
+
+Use the fixtures `redis_server` (one fresh server per test) and `redis_factory` (call it
+for as many servers, with extra redis-server arguments, as a test needs); a `RedisServer`
+can be killed, paused (SIGSTOP), resumed and restarted on the same port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+import redis
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server on 127.0.0.1 (no persistence, no protected mode)."""
+
+    def __init__(self, args: tuple[str, ...] = (), *, tls: bool = False) -> None:
+        self.args, self.tls = tuple(args), tls
+        self.dir = tempfile.mkdtemp(prefix="lmcsgl-redis-")
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def start(self, wait: bool = True) -> None:
+        port_args = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--protected-mode", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = open(os.path.join(self.dir, "redis.log")).read()[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {log}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError(f"redis-server on port {self.port} did not listen within {timeout} s")
+
+    def client(self, **kwargs) -> redis.Redis:
+        """A plain redis-py client (for tests without AUTH or TLS)."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
+
+    def kill(self) -> None:
+        """SIGKILL: the server is gone, its data with it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nothing answers."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """A fresh, empty server on the same port."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_cluster(masters: int, factory) -> list[RedisServer]:
+    """`masters` redis-servers joined into a cluster (no replicas; a master's loss
+    leaves the other slots served: cluster-require-full-coverage no)."""
+    nodes = [factory("--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                     "--cluster-require-full-coverage", "no") for _ in range(masters)]
+    subprocess.run(
+        [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
+         "--cluster-yes"], check=True, capture_output=True, timeout=30,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in nodes):
+            return nodes
+        time.sleep(0.1)
+    raise TimeoutError("the cluster did not reach cluster_state:ok")
+
+
+@pytest.fixture
+def redis_factory():
+    if REDIS_SERVER is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    servers: list[RedisServer] = []
+
+    def make(*args: str, tls: bool = False) -> RedisServer:
+        server = RedisServer(args, tls=tls)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory) -> RedisServer:
+    return redis_factory()
