@@ -256,6 +256,9 @@ class LMCacheRadixCache(UnifiedRadixCache):
     # ---- store -------------------------------------------------------------------
     def checkpoint(self, req: Req, *, up_to: int, **kwargs) -> None:
         self._busy()
+        pending = self._pending.get(req.rid)
+        if pending is not None and pending.slots is not None:
+            self._reuse_stored_tail(req, pending.hit_len, up_to)
         try:
             self._store_request(req, up_to)
         except Exception as e:
@@ -264,6 +267,29 @@ class LMCacheRadixCache(UnifiedRadixCache):
         pending = self._pending.get(req.rid)
         if pending is not None and pending.slots is not None:
             del self._pending[req.rid]  # the loaded slots are the tree's now
+
+    def _reuse_stored_tail(self, req: Req, begin: int, up_to: int) -> None:
+        """After a device hit, SGLang's checkpoint points the tokens it recomputed past the
+        hit that the tree already holds (the prompt's last token, computed again for its
+        logits) at the tree's KV. Do the same after a tier hit: write the KV the tiers hold
+        for tokens [begin, up_to) over the recomputed KV in the request's slots, so decode
+        attends over the KV a device hit gives, bit for bit. Up to the page-aligned end
+        SGLang inserts; the length is agreed over the TP ranks (a collective). A failure
+        keeps the recomputed KV (valid, not bit-identical); a partial write mixes valid KV."""
+        chunks, end, limit = [], begin, up_to - up_to % self.page_size
+        try:
+            if limit > begin:
+                seed = self.engine.seed(req.extra_key, req.cache_salt)
+                chunks = self.engine.chunks(seed, np.asarray(req.full_untruncated_fill_ids[:up_to], dtype=np.int64))
+                end = min(self.engine.hit_length(chunks, known=begin), limit)
+        except Exception as e:
+            self._failed("stored tail lookup", e)
+        end = self._agree(end, "the stored tail")
+        if end <= begin:
+            return
+        slots = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, begin:end].to(torch.int64)
+        if not self.engine.load(chunks, begin, slots):
+            self._failed("stored tail load", f"tokens {begin}..{end} of request {req.rid} stay recomputed")
 
     def _store_request(self, req: Req, up_to: int) -> None:
         """Once the prompt is computed, store its trailing partial chunk (so a revisit of
