@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 import torch
@@ -370,9 +370,13 @@ class _Routing:
             self._cluster_client: RedisCluster | None = None
             return
         self._single = None
-        if parts.username or parts.password:
-            self._kwargs.update(username=unquote(parts.username or "") or None, password=unquote(parts.password or ""))
-        self._startup = [_host_port(hp) for hp in parts.netloc.rpartition("@")[2].split(",")]
+        del self._kwargs["retry"]  # the cluster client refuses it; its node clients never retry
+        self._kwargs.pop("ssl", None)  # rediss in the URL below
+        userinfo, _, nodes = parts.netloc.rpartition("@")
+        self._startup = [_host_port(hp) for hp in nodes.split(",")]
+        host, port = self._startup[0]
+        # Node clients get the timeouts, TLS files and credentials only from a URL'd client.
+        self._first_url = f"{parts.scheme.removesuffix('-cluster')}://{userinfo + '@' if userinfo else ''}{host}:{port}/0"
         self._cluster_client = None
         self._next_init = 0.0
         self._init_backoff = 0.0
@@ -384,8 +388,8 @@ class _Routing:
                 return self._cluster_client
             try:
                 self._cluster_client = RedisCluster(
-                    startup_nodes=[ClusterNode(h, p) for h, p in self._startup], require_full_coverage=False,
-                    cluster_error_retry_attempts=0, **self._kwargs,
+                    url=self._first_url, startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
+                    require_full_coverage=False, cluster_error_retry_attempts=0, **self._kwargs,
                 )
                 self._init_backoff = 0.0
             except (*_FAILURES, redis.RedisError) as e:
