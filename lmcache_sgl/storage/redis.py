@@ -93,7 +93,7 @@ class _Server:
             for command in commands:
                 pipe.execute_command(*command)
             replies = pipe.execute(raise_on_error=False)
-        except _FAILURES as e:
+        except Exception as e:  # refused, reset, timed out, TLS or AUTH refused: never raised to the caller
             self._failed(e)
             return None
         if self._backoff:
@@ -361,7 +361,7 @@ class _Routing:
             retry=Retry(NoBackoff(), 1, (redis.ConnectionError,)),  # a stale pooled socket: reconnect once
         )
         if parts.scheme.startswith("rediss"):
-            self._kwargs.update(ssl=True, ssl_ca_certs=tls.ca, ssl_certfile=tls.cert, ssl_keyfile=tls.key)
+            self._kwargs.update(ssl_ca_certs=tls.ca, ssl_certfile=tls.cert, ssl_keyfile=tls.key)  # rediss: TLS
         self._servers: dict[str, _Server] = {}
         self._lock = threading.Lock()
         if not self.cluster:
@@ -371,7 +371,6 @@ class _Routing:
             return
         self._single = None
         del self._kwargs["retry"]  # the cluster client refuses it; its node clients never retry
-        self._kwargs.pop("ssl", None)  # rediss in the URL below
         userinfo, _, nodes = parts.netloc.rpartition("@")
         self._startup = [_host_port(hp) for hp in nodes.split(",")]
         host, port = self._startup[0]
