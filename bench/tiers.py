@@ -6,7 +6,8 @@ one run: torch copy_ of the same bytes (memcpy), CPU-tier store (pool -> slab) a
 retrieve (slab -> pool), disk-tier store (encode + write) and retrieve (read + verify +
 decode, page cache warm) for raw and zstd frames, the zstandard library decoding the same
 zstd frame's compressed blocks from memory on every core (the ceiling a zstd disk read can
-approach), and the zstd ratio on KV produced by a forward pass of a random-weight Llama.
+approach), the Redis tier's store and retrieve against a redis-server it starts, with a
+plain redis-py GET of the same value as the baseline, and the zstd ratio on KV produced by a forward pass of a random-weight Llama.
 GB/s are 1e9 bytes per second of chunk data.
 
     python bench/tiers.py [--quick] [--json]
@@ -146,6 +147,7 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["zstd_decode_gbps"] = gbps(timed(_zstd_decoder(layout, chunk), repeats))
+    result.update(_redis(layout, chunk, out, keys, repeats, gbps))
 
     kv_layout, kv = kv_of_random_llama(512 if args.quick else 2048)
     plain = kv.reshape(-1).view(torch.uint8)
@@ -161,6 +163,36 @@ def main() -> None:
     else:
         for name, value in result.items():
             print(f"{name:>28}: {value:.3f}" if isinstance(value, float) else f"{name:>28}: {value}")
+
+
+def _redis(layout: ChunkLayout, chunk: torch.Tensor, out: torch.Tensor, keys, repeats: int, gbps) -> dict:
+    """The Redis tier (naive frames) against a redis-server started here on loopback:
+    store (encode + SET, through the writer), retrieve (GET + verify + copy into `out`),
+    and a plain redis-py GET of the same value, the baseline."""
+    if shutil.which("redis-server") is None:
+        return {"redis": "redis-server not installed"}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from redis_servers import RedisServer
+
+    from lmcache_sgl.storage.redis import RedisTier
+
+    server = RedisServer()
+    tier = RedisTier(server.url, timeout_s=5.0)
+    try:
+        def store() -> None:
+            tier.put(next(keys).to_bytes(16, "little"), layout, Payload(chunk, 0))
+            tier.flush()
+
+        store_s = timed(store, max(2, repeats // 2))
+        last = next(iter(tier._known))
+        retrieve_s = timed(lambda: tier.get_into(last, layout, out), repeats)
+        assert torch.equal(out, chunk), "redis tier returned other bytes"
+        client, name = server.client(), tier._rkey(last)
+        raw_s = timed(lambda: client.get(name), repeats)
+        return {"redis_store_gbps": gbps(store_s), "redis_retrieve_gbps": gbps(retrieve_s), "redis_raw_gbps": gbps(raw_s)}
+    finally:
+        tier.close()
+        server.stop()
 
 
 def _zstd_decoder(layout: ChunkLayout, chunk: torch.Tensor):
