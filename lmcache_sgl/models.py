@@ -31,49 +31,152 @@ CHAT_TEMPLATE = (
 PRESETS: dict[str, dict[str, Any]] = {
     # ~3.4M parameters
     "tiny": dict(
-        arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        arch="llama",
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=16384,
     ),
     # ~63M parameters (12.6M of them in the untied embedding and lm_head)
     "small": dict(
-        arch="llama", vocab_size=8192, hidden_size=768, intermediate_size=2048,
-        num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
+        arch="llama",
+        vocab_size=8192,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
         max_position_embeddings=32768,
     ),
     # DeepSeek-V2 style MLA, all layers dense (no MoE): ~3M parameters
     "mla-tiny": dict(
-        arch="deepseek_v2", vocab_size=4096, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, max_position_embeddings=16384,
+        arch="deepseek_v2",
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=16384,
         # first_k_dense_replace == num_hidden_layers: no layer is a MoE layer
-        first_k_dense_replace=3, moe_layer_freq=1, n_routed_experts=4, n_shared_experts=1,
-        num_experts_per_tok=2, moe_intermediate_size=128, topk_method="greedy",
-        n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        first_k_dense_replace=3,
+        moe_layer_freq=1,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
         # SGLang's CPU path builds MLA's rotary embedding only for (deepseek_)yarn
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=1.0,
-                             original_max_position_embeddings=16384, beta_fast=32.0,
-                             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=1.0,
+            original_max_position_embeddings=16384,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
     ),
 }
 
 
 # ---------------------------------------------------------------- tokenizer corpus
 
-_ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t",
-           "v", "w", "z", "bl", "br", "ch", "cl", "cr", "dr", "fl", "fr", "gr", "pl", "pr",
-           "qu", "sc", "sh", "sk", "sl", "sm", "sn", "sp", "st", "str", "th", "tr", "wh"]
-_VOWELS = ["a", "e", "i", "o", "u", "y", "ai", "au", "ea", "ee", "ei", "ie", "io", "oa",
-           "oo", "ou", "ua"]
-_CODAS = ["", "", "b", "ck", "d", "ft", "g", "l", "ld", "m", "mp", "n", "nd", "ng", "nt",
-          "p", "r", "rd", "rk", "rn", "s", "sh", "st", "t", "th", "x"]
-_PUNCT = [".", ",", ";", ":", "!", "?", " -", " (", ")", "\""]
+_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "bl",
+    "br",
+    "ch",
+    "cl",
+    "cr",
+    "dr",
+    "fl",
+    "fr",
+    "gr",
+    "pl",
+    "pr",
+    "qu",
+    "sc",
+    "sh",
+    "sk",
+    "sl",
+    "sm",
+    "sn",
+    "sp",
+    "st",
+    "str",
+    "th",
+    "tr",
+    "wh",
+]
+_VOWELS = ["a", "e", "i", "o", "u", "y", "ai", "au", "ea", "ee", "ei", "ie", "io", "oa", "oo", "ou", "ua"]
+_CODAS = [
+    "",
+    "",
+    "b",
+    "ck",
+    "d",
+    "ft",
+    "g",
+    "l",
+    "ld",
+    "m",
+    "mp",
+    "n",
+    "nd",
+    "ng",
+    "nt",
+    "p",
+    "r",
+    "rd",
+    "rk",
+    "rn",
+    "s",
+    "sh",
+    "st",
+    "t",
+    "th",
+    "x",
+]
+_PUNCT = [".", ",", ";", ":", "!", "?", " -", " (", ")", '"']
 
 
 def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                   for _ in range(rng.choice((1, 1, 2, 2, 2, 3, 3, 4))))
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        for _ in range(rng.choice((1, 1, 2, 2, 2, 3, 3, 4)))
+    )
 
 
 def corpus(seed: int, n_words: int = 6000, n_lines: int = 12000) -> list[str]:
@@ -114,30 +217,44 @@ def build_tokenizer(vocab_size: int, seed: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE, model_max_length=1 << 20,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
     )
 
 
 # ---------------------------------------------------------------- model
 
+
 def build_config(preset: str, tok) -> Any:
     spec = dict(PRESETS[preset])
     arch = spec.pop("arch")
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-               torch_dtype="bfloat16")
+    ids = dict(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     if arch == "llama":
         from transformers import LlamaConfig
+
         return LlamaConfig(**spec, **ids)
     from transformers import DeepseekV2Config
+
     return DeepseekV2Config(**spec, **ids)
 
 
@@ -154,7 +271,7 @@ def _init_weights(model, seed: int) -> None:
             if p.dim() == 1:
                 p.fill_(1.0 if "norm" in name else 0.0)
             else:
-                std = 4.0 / hidden ** 0.5 if name.startswith("lm_head") else 0.02
+                std = 4.0 / hidden**0.5 if name.startswith("lm_head") else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
 
@@ -164,15 +281,15 @@ def is_complete(path: str | os.PathLike, preset: str, seed: int) -> bool:
     except (OSError, ValueError):
         return False
     return info == _marker(preset, seed) and all(
-        (Path(path) / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+        (Path(path) / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")
+    )
 
 
 def _marker(preset: str, seed: int) -> dict:
     return {"preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
 
 
-def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-               force: bool = False) -> Path:
+def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
     """Write a random-weight model of ``preset`` to ``path`` (skipped when ``path``
     already holds that preset and seed). The directory is built in a temporary sibling
     and renamed into place, so a crash never leaves a half-written model behind."""
@@ -182,8 +299,7 @@ def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     if not force and is_complete(path, preset, seed):
         return path
     if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
-        raise FileExistsError(f"{path} exists and is not a model written by lmcache-sgl; "
-                              "not overwriting it")
+        raise FileExistsError(f"{path} exists and is not a model written by lmcache-sgl; not overwriting it")
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -213,4 +329,3 @@ def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
