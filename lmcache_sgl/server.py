@@ -21,8 +21,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .sglang import cpu_mode
 
@@ -54,12 +55,26 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def launch_command(model_dir: str | os.PathLike, port: int, extra_args: Sequence[str] = (),
-                   host: str = "127.0.0.1", cpu: bool | None = None) -> list[str]:
+def launch_command(
+    model_dir: str | os.PathLike,
+    port: int,
+    extra_args: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    cpu: bool | None = None,
+) -> list[str]:
     """argv of ``python -m sglang.launch_server`` (with CPU-mode flags when on CPU)."""
     cpu = cpu_mode.wanted() if cpu is None else cpu
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
-           "--host", host, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if cpu:
         cmd += cpu_mode.server_flags()
     return cmd + list(extra_args)
@@ -76,9 +91,15 @@ def launch_env(env_overrides: Mapping[str, str] | None = None, cpu: bool | None 
 
 
 class SGLangServer:
-    def __init__(self, model_dir: str | os.PathLike, port: int | None = None,
-                 extra_args: Sequence[str] = (), env_overrides: Mapping[str, str] | None = None,
-                 log_path: str | os.PathLike | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        env_overrides: Mapping[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.model_dir = str(model_dir)
         self.host = host
         self.port = port or free_port()
@@ -97,7 +118,7 @@ class SGLangServer:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> "SGLangServer":
+    def start(self) -> SGLangServer:
         if self.proc is not None:
             raise ServerError("server already started")
         cmd = launch_command(self.model_dir, self.port, self.extra_args, self.host)
@@ -107,8 +128,9 @@ class SGLangServer:
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
             # Own session/process group: stop() can signal SGLang's children too.
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.started_at = time.monotonic()
         return self
 
@@ -127,8 +149,9 @@ class SGLangServer:
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                raise ServerError(f"SGLang server exited with code {rc} during start-up; "
-                                  f"log {self.log_path}:\n{self.log_tail()}")
+                raise ServerError(
+                    f"SGLang server exited with code {rc} during start-up; log {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as r:
                     if r.status == 200:
@@ -136,8 +159,9 @@ class SGLangServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise ServerError(f"SGLang server not healthy after {timeout:.0f} s; "
-                                  f"log {self.log_path}:\n{self.log_tail()}")
+                raise ServerError(
+                    f"SGLang server not healthy after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -164,7 +188,7 @@ class SGLangServer:
         except subprocess.TimeoutExpired:
             pass
 
-    def __enter__(self) -> "SGLangServer":
+    def __enter__(self) -> SGLangServer:
         if self.proc is None:
             self.start()
         return self
@@ -176,8 +200,9 @@ class SGLangServer:
 
     def request(self, path: str, payload: Any | None = None, timeout: float = 600.0) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method="POST" if data else "GET", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 body = r.read()
@@ -188,15 +213,23 @@ class SGLangServer:
         except ValueError:
             return body.decode(errors="replace")
 
-    def generate(self, input_ids: Sequence[int], max_new_tokens: int = 16,
-                 return_logprob: bool = True, timeout: float = 600.0, **sampling: Any) -> dict:
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        max_new_tokens: int = 16,
+        return_logprob: bool = True,
+        timeout: float = 600.0,
+        **sampling: Any,
+    ) -> dict:
         """POST /generate with token ids, greedy unless ``sampling`` says otherwise.
         The reply has ``output_ids`` and ``meta_info`` (``cached_tokens``, ``e2e_latency``,
         ``output_token_logprobs`` ...)."""
         params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, **sampling}
-        return self.request("/generate", {"input_ids": list(map(int, input_ids)),
-                                          "sampling_params": params,
-                                          "return_logprob": return_logprob}, timeout)
+        return self.request(
+            "/generate",
+            {"input_ids": list(map(int, input_ids)), "sampling_params": params, "return_logprob": return_logprob},
+            timeout,
+        )
 
     def flush_cache(self) -> None:
         """POST /flush_cache: empties SGLang's radix tree (fails if requests are running)."""
@@ -208,8 +241,9 @@ class SGLangServer:
             raise ServerError(f"/flush_cache: HTTP {e.code}: {e.read()[:500]!r}") from e
 
 
-def wait_for_files(directory: str | os.PathLike, suffix: str = ".lmsg", quiet_s: float = 1.0,
-                   timeout: float = 120.0) -> int:
+def wait_for_files(
+    directory: str | os.PathLike, suffix: str = ".lmsg", quiet_s: float = 1.0, timeout: float = 120.0
+) -> int:
     """Wait until some files ending in `suffix` are in `directory` and their number has not
     changed for `quiet_s` (a server's background disk writes have settled); their count."""
     deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
