@@ -33,28 +33,29 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 logger = logging.getLogger(__name__)
 
 ENV_MODE = "LMCACHE_SGL_CPU_MODE"
 ENV_EXTEND = "LMCACHE_SGL_CPU_EXTEND"
 STUB_SOURCE = Path(__file__).resolve().parents[2] / "src" / "cpu_stub" / "libcuda_stub.c"
-EXTEND_TARGET = (
-    "sglang.srt.layers.attention.torch_native_backend."
-    "TorchNativeAttnBackend._run_sdpa_forward_extend"
-)
+EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend"
 #: New rows are attended in blocks of this many queries (tests lower it).
 EXTEND_BLOCK = 1024
 #: Printed (stderr, once per process) the first time the replacement runs.
 HOOK_ACTIVE_LINE = "lmcache-sgl: cpu_mode blocked extend attention active"
 
 _SERVER_FLAGS = [
-    "--device", "cpu",
-    "--attention-backend", "torch_native",
-    "--sampling-backend", "pytorch",
-    "--grammar-backend", "none",
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--sampling-backend",
+    "pytorch",
+    "--grammar-backend",
+    "none",
     "--disable-decode-cuda-graph",
     "--disable-prefill-cuda-graph",
     # An idle scheduler otherwise polls at 100% of a core, which on a small CPU box
@@ -64,6 +65,7 @@ _SERVER_FLAGS = [
 
 
 # ---------------------------------------------------------------- detection
+
 
 def _env_flag(name: str) -> bool | None:
     v = os.environ.get(name, "").strip().lower()
@@ -95,6 +97,7 @@ def wanted() -> bool:
 
 # ---------------------------------------------------------------- libcuda stub
 
+
 def cache_dir() -> Path:
     root = os.environ.get("LMCACHE_SGL_CACHE_DIR") or os.path.expanduser("~/.cache/lmcache-sgl")
     return Path(root)
@@ -124,9 +127,21 @@ def ensure_stub() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-Wl,-soname,libcuda.so.1",
-             "-o", tmp, str(STUB_SOURCE)],
-            check=True, capture_output=True, text=True)
+            [
+                cc,
+                "-O2",
+                "-shared",
+                "-fPIC",
+                "-fvisibility=hidden",
+                "-Wl,-soname,libcuda.so.1",
+                "-o",
+                tmp,
+                str(STUB_SOURCE),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.chmod(tmp, 0o755)
         os.replace(tmp, lib)
     except subprocess.CalledProcessError as e:
@@ -142,12 +157,14 @@ def ensure_stub() -> Path:
 
 # ---------------------------------------------------------------- server process
 
+
 def server_env(base_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for an SGLang server process in CPU mode (builds the stub lazily).
     Refuses where a GPU is usable: the stub would hide the real driver."""
     if not wanted():
-        raise RuntimeError(f"cpu_mode: a CUDA device is present; not building a CPU-mode "
-                           f"environment (set {ENV_MODE}=1 to force)")
+        raise RuntimeError(
+            f"cpu_mode: a CUDA device is present; not building a CPU-mode environment (set {ENV_MODE}=1 to force)"
+        )
     env = dict(os.environ if base_env is None else base_env)
     stub = str(ensure_stub())
     parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != stub]
@@ -166,11 +183,27 @@ def server_flags() -> list[str]:
 
 # ---------------------------------------------------------------- extend attention
 
+
 def extend_attention(
-    self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-    extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
-    enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None,
-    *, _stock=None, block: int | None = None,
+    self,
+    query,
+    output,
+    k_cache,
+    v_cache,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    extend_prefix_lens,
+    extend_seq_lens,
+    encoder_lens=None,
+    scaling=None,
+    enable_gqa=False,
+    causal=False,
+    is_cross_attn=False,
+    sliding_window_size=None,
+    *,
+    _stock=None,
+    block: int | None = None,
 ):
     """Drop-in for ``TorchNativeAttnBackend._run_sdpa_forward_extend`` that attends
     from the new tokens only.
@@ -186,14 +219,32 @@ def extend_attention(
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    if (not causal or is_cross_attn or encoder_lens is not None
-            or (sliding_window_size is not None and sliding_window_size > -1)):
+    if (
+        not causal
+        or is_cross_attn
+        or encoder_lens is not None
+        or (sliding_window_size is not None and sliding_window_size > -1)
+    ):
         if _stock is None:
             raise NotImplementedError("cpu_mode extend: case not covered and no stock fallback")
-        return _stock(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
-                      seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens,
-                      scaling=scaling, enable_gqa=enable_gqa, causal=causal,
-                      is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
+        return _stock(
+            self,
+            query,
+            output,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            extend_prefix_lens,
+            extend_seq_lens,
+            encoder_lens,
+            scaling=scaling,
+            enable_gqa=enable_gqa,
+            causal=causal,
+            is_cross_attn=is_cross_attn,
+            sliding_window_size=sliding_window_size,
+        )
     _announce()
     block = block or EXTEND_BLOCK
     n = seq_lens.shape[0]
@@ -216,7 +267,7 @@ def extend_attention(
         step = new if prefix == 0 else block
         for b0 in range(0, new, step):
             b1 = min(b0 + step, new)
-            q = q_all[:, start + b0:start + b1, :]
+            q = q_all[:, start + b0 : start + b1, :]
             kv_end = prefix + b1
             if prefix == 0:
                 mask, is_causal = None, True
@@ -226,10 +277,16 @@ def extend_attention(
                 q_pos = torch.arange(prefix + b0, kv_end, device=query.device).unsqueeze(1)
                 k_pos = torch.arange(kv_end, device=query.device).unsqueeze(0)
                 mask, is_causal = k_pos <= q_pos, False
-            out = sdpa(q.unsqueeze(0), key[:, :kv_end].unsqueeze(0),
-                       value[:, :kv_end].unsqueeze(0), attn_mask=mask, is_causal=is_causal,
-                       scale=scaling, enable_gqa=enable_gqa)
-            output[start + b0:start + b1] = out.squeeze(0).movedim(-2, 0)
+            out = sdpa(
+                q.unsqueeze(0),
+                key[:, :kv_end].unsqueeze(0),
+                value[:, :kv_end].unsqueeze(0),
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=scaling,
+                enable_gqa=enable_gqa,
+            )
+            output[start + b0 : start + b1] = out.squeeze(0).movedim(-2, 0)
         start += new
     return output
 
@@ -243,18 +300,14 @@ def _announce() -> None:
         _announced = True
         import sys
 
-        print(f"{HOOK_ACTIVE_LINE} (block={EXTEND_BLOCK}, pid={os.getpid()})",
-              file=sys.stderr, flush=True)
+        print(f"{HOOK_ACTIVE_LINE} (block={EXTEND_BLOCK}, pid={os.getpid()})", file=sys.stderr, flush=True)
 
 
 def _around(original, *args, **kwargs):
     return extend_attention(*args, _stock=original, **kwargs)
 
 
-MLA_DISPATCH_TARGET = (
-    "sglang.srt.models.deepseek_common.attention_backend_handler."
-    "AttentionBackendRegistry.get_handler"
-)
+MLA_DISPATCH_TARGET = "sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry.get_handler"
 
 
 def _mla_dispatch_around(original, cls, backend_name):
@@ -265,9 +318,8 @@ def _mla_dispatch_around(original, cls, backend_name):
     the shapes clash and the server dies at warm-up. Route torch_native to the absorbed
     MLA method, which attends over the latent pool and which it does handle."""
     if backend_name == "torch_native" and "torch_native" not in cls._handlers:
-        from sglang.srt.models.deepseek_common.attention_backend_handler import (
-            _dispatch_mla_subtype,
-        )
+        from sglang.srt.models.deepseek_common.attention_backend_handler import _dispatch_mla_subtype
+
         return _dispatch_mla_subtype
     return original(cls, backend_name)
 
