@@ -23,10 +23,21 @@ REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(bus: bool = False) -> int:
+    """A free loopback port; `bus`: one whose cluster bus port (+10000) exists and is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not bus:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    pass
 
 
 class RedisServer:
@@ -35,7 +46,7 @@ class RedisServer:
     def __init__(self, args: tuple[str, ...] = (), *, tls: bool = False) -> None:
         self.args, self.tls = tuple(args), tls
         self.dir = tempfile.mkdtemp(prefix="lmcsgl-redis-")
-        self.port = free_port()
+        self.port = free_port(bus="--cluster-enabled" in args)
         self.proc: subprocess.Popen | None = None
         self.start()
 
