@@ -14,8 +14,8 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,8 +75,15 @@ MAX_SEEDS = 4096  # (extra_key, cache_salt) pairs whose namespace digests are ke
 
 class CacheEngine:
     def __init__(
-        self, config: LMCacheConfig, pool: KVPoolView, model_id: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        kv_dtype: str | None = None, device_stream=None,
+        self,
+        config: LMCacheConfig,
+        pool: KVPoolView,
+        model_id: bytes,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        kv_dtype: str | None = None,
+        device_stream=None,
     ) -> None:
         """kv_dtype: the logical KV dtype (SGLang's --kv-cache-dtype; fp8 formats are
         stored as uint8), default the pool's storage dtype. device_stream: the stream
@@ -88,8 +95,12 @@ class CacheEngine:
         self.pool = pool
         self.chunk_size = config.chunk_size
         self.stack = build_stack(
-            config, pool.layout(config.chunk_size).nbytes, metrics=self.metrics, idle=self.idle,
-            tp_rank=tp_rank, tp_size=tp_size,
+            config,
+            pool.layout(config.chunk_size).nbytes,
+            metrics=self.metrics,
+            idle=self.idle,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
         )
         self.metrics.set_gauges(self._gauges)
         self._namespace = Namespace(model_id, kv_dtype or pool.dtype, pool.describe(), tp_rank, tp_size)
@@ -130,7 +141,7 @@ class CacheEngine:
         partial = self.config.save_unfull_chunk if partial is None else partial
         keys = chunk_keys(seed, tokens, self.chunk_size, partial=partial)
         spans = chunk_spans(len(tokens), self.chunk_size, partial=partial)
-        return [Chunk(key, start, end) for key, (start, end) in zip(keys, spans)]
+        return [Chunk(key, start, end) for key, (start, end) in zip(keys, spans, strict=True)]
 
     def hit_length(self, chunks: Sequence[Chunk], known: int = 0, *, record: bool = False) -> int:
         """Tokens from 0 covered by present chunks, trusting the first `known` tokens
@@ -142,7 +153,7 @@ class CacheEngine:
         tiers = self.stack.lookup_tiers([c.key for c in chunks[first:]])
         if record and first < len(chunks):
             self.metrics.inc("lookup_requested_tokens_total", chunks[-1].end - known)
-            for c, tier in zip(chunks[first:], tiers):
+            for c, tier in zip(chunks[first:], tiers, strict=False):  # tiers: the leading hits only
                 self.metrics.inc("lookup_hit_tokens_total", c.end - max(c.start, known), tier=tier)
         return chunks[first + len(tiers) - 1].end if tiers else known
 
@@ -168,7 +179,9 @@ class CacheEngine:
                     continue
                 chunk_slots = slots[c.start : c.end]
                 layout = self.pool.layout(c.end - c.start)
-                stored += self.stack.store(c.key, layout, lambda buf: self._gather(chunk_slots, buf))
+                stored += self.stack.store(
+                    c.key, layout, lambda buf, chunk_slots=chunk_slots: self._gather(chunk_slots, buf)
+                )
             except Exception as e:
                 self.metrics.inc("dropped_writes_total", reason="error")
                 self._errors.warn("store", "a chunk store failed and was skipped: %r", e)
@@ -190,7 +203,7 @@ class CacheEngine:
                 self.metrics.inc("failed_loads_total", reason="miss")
                 return False
             pieces = []
-            for c, hit in zip(wanted, hits):
+            for c, hit in zip(wanted, hits, strict=True):
                 lo, hi = max(c.start, begin), min(c.end, end)
                 src = hit.data.view(len(self.pool.buffers), c.end - c.start, -1)
                 pieces.append(src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous())
@@ -200,10 +213,10 @@ class CacheEngine:
             self._errors.warn("load", "a load failed; its tokens are recomputed: %r", e)
             return False
         finally:
-            for c, hit in zip(wanted, hits):
+            for c, hit in zip(wanted, hits, strict=False):  # hits is empty if get_many raised
                 if hit is not None:
                     self.stack.release(c.key)
-        for c, hit in zip(wanted, hits):
+        for c, hit in zip(wanted, hits, strict=True):
             self.metrics.inc("loaded_tokens_total", min(c.end, end) - max(c.start, begin), tier=hit.tier)
         self.metrics.observe("load_seconds", time.perf_counter() - started)
         return True
