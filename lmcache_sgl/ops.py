@@ -7,14 +7,15 @@ one dtype, shape and device; a row is one slot of one buffer. A chunk buffer is 
 any dtype, and holds [B, N, row] bytes. Every op moves raw bytes, writes its output in place and
 returns None; on CUDA it is enqueued on the current stream.
 """
+
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -26,26 +27,32 @@ _CPU_ERRORS = {1: "invalid argument", 2: "out of memory"}
 
 def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_DIR / f"{name}.so"))
-    for fn, args in (("gather_rows", [_P, _I, _I, _P, _I, _P]), ("scatter_rows", [_P, _I, _I, _P, _I, _P]),
-                     ("shuffle_bytes", [_P, _P, _I, _I]), ("unshuffle_bytes", [_P, _P, _I, _I])):
+    for fn, args in (
+        ("gather_rows", [_P, _I, _I, _P, _I, _P]),
+        ("scatter_rows", [_P, _I, _I, _P, _I, _P]),
+        ("shuffle_bytes", [_P, _P, _I, _I]),
+        ("unshuffle_bytes", [_P, _P, _I, _I]),
+    ):
         f = getattr(lib, prefix + fn)
         f.argtypes, f.restype = args + extra, ctypes.c_int
     return lib
 
 
 try:
-    _CPU: Optional[ctypes.CDLL] = _load("_kernels_cpu", "lmcsgl_", [])
+    _CPU: ctypes.CDLL | None = _load("_kernels_cpu", "lmcsgl_", [])
     _CPU.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P]
     _CPU.lmcsgl_scatter_rows_batch.restype = ctypes.c_int
 except (OSError, AttributeError) as e:
     _CPU = None
-    logger.warning("compiled kernels unavailable (%s); using the slower torch reference "
-                   "ops. Build them with `make setup`.", str(e).splitlines()[0])
+    logger.warning(
+        "compiled kernels unavailable (%s); using the slower torch reference ops. Build them with `make setup`.",
+        str(e).splitlines()[0],
+    )
 HAVE_EXTENSION: bool = _CPU is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_lib() -> Optional[ctypes.CDLL]:
+@functools.cache
+def _cuda_lib() -> ctypes.CDLL | None:
     """The CUDA library, loaded on first use with a CUDA tensor; None when absent."""
     try:
         lib = _load("_kernels_cuda", "lmcsgl_cuda_", [_P])
@@ -60,11 +67,11 @@ def _cuda_lib() -> Optional[ctypes.CDLL]:
         return None
 
 
-def _lib(t: torch.Tensor) -> Optional[ctypes.CDLL]:
+def _lib(t: torch.Tensor) -> ctypes.CDLL | None:
     return _cuda_lib() if t.is_cuda else _CPU if t.device.type == "cpu" else None
 
 
-def _call(lib: ctypes.CDLL, fn: str, cuda_device: Optional[torch.device], *args: object) -> None:
+def _call(lib: ctypes.CDLL, fn: str, cuda_device: torch.device | None, *args: object) -> None:
     if cuda_device is None:
         rc = getattr(lib, "lmcsgl_" + fn)(*args)
     else:
@@ -90,8 +97,9 @@ def _check_pool(buffers: Sequence[torch.Tensor]) -> int:
     b0 = buffers[0]
     for b in buffers:
         if b.dtype != b0.dtype or b.shape != b0.shape or b.device != b0.device:
-            raise ValueError(f"pool buffers differ: {b.dtype}{tuple(b.shape)}@{b.device} vs "
-                             f"{b0.dtype}{tuple(b0.shape)}@{b0.device}")
+            raise ValueError(
+                f"pool buffers differ: {b.dtype}{tuple(b.shape)}@{b.device} vs {b0.dtype}{tuple(b0.shape)}@{b0.device}"
+            )
         if not b.is_contiguous():
             raise ValueError("pool buffers must be contiguous")
     return math.prod(b0.shape[1:]) * b0.element_size()
@@ -114,12 +122,13 @@ def _check_flat(flat: torch.Tensor, buffers: Sequence[torch.Tensor], num_slots: 
         raise ValueError(f"the chunk buffer must be contiguous and on {buffers[0].device}")
     need = len(buffers) * num_slots * row_bytes
     if _nbytes(flat) != need:
-        raise ValueError(f"the chunk buffer has {_nbytes(flat)} bytes, expected {need} = {len(buffers)} "
-                         f"buffers x {num_slots} slots x {row_bytes} bytes per row")
+        raise ValueError(
+            f"the chunk buffer has {_nbytes(flat)} bytes, expected {need} = {len(buffers)} "
+            f"buffers x {num_slots} slots x {row_bytes} bytes per row"
+        )
 
 
-def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
-                flat: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Validates a gather/scatter; returns (int64 slots on the pool's device, row_bytes)."""
     row_bytes = _check_pool(buffers)
     slots = _check_slots(slots, buffers[0])
@@ -127,7 +136,7 @@ def _check_rows(buffers: Sequence[torch.Tensor], slots: torch.Tensor,
     return slots, row_bytes
 
 
-def _last_occurrences(slots: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _last_occurrences(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(distinct slots, index of the last occurrence of each), or (slots, None) if distinct."""
     uniq, inverse = torch.unique(slots, return_inverse=True)
     if uniq.numel() == slots.numel():
@@ -153,8 +162,17 @@ def _rows(fn: str, buffers: Sequence[torch.Tensor], slots: torch.Tensor, flat: t
         return True
     ptrs = tuple(b.data_ptr() for b in buffers)
     if not flat.is_cuda:
-        _call(lib, fn, None, (_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
-              slots.numel(), flat.data_ptr())
+        _call(
+            lib,
+            fn,
+            None,
+            (_P * len(ptrs))(*ptrs),
+            len(ptrs),
+            row_bytes,
+            slots.data_ptr(),
+            slots.numel(),
+            flat.data_ptr(),
+        )
         return True
     if fn == "scatter_rows":  # the CUDA kernel wants distinct slots: keep each one's last row
         slots, last = _last_occurrences(slots)
@@ -162,8 +180,7 @@ def _rows(fn: str, buffers: Sequence[torch.Tensor], slots: torch.Tensor, flat: t
             flat = _bytes(flat).view(len(buffers), -1, row_bytes)[:, last].contiguous()
     arr = _device_ptrs(flat.device, ptrs)
     arr.record_stream(torch.cuda.current_stream(flat.device))
-    _call(lib, fn, flat.device, arr.data_ptr(), len(ptrs), row_bytes, slots.data_ptr(), slots.numel(),
-          flat.data_ptr())
+    _call(lib, fn, flat.device, arr.data_ptr(), len(ptrs), row_bytes, slots.data_ptr(), slots.numel(), flat.data_ptr())
     return True
 
 
@@ -216,7 +233,7 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
     if sum(counts) != slots.numel():
         raise ValueError(f"{len(srcs)} chunk buffers hold {sum(counts)} slots, expected {slots.numel()}")
     offsets = [0]
-    for src, n in zip(srcs, counts):
+    for src, n in zip(srcs, counts, strict=True):
         _check_flat(src, buffers, n, row_bytes)
         offsets.append(offsets[-1] + n)
     distinct = "scatter_many needs distinct slots"
@@ -227,9 +244,15 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
             scatter(buffers, slots[offsets[p] : offsets[p + 1]], src)
         return
     ptrs = tuple(b.data_ptr() for b in buffers)
-    rc = _CPU.lmcsgl_scatter_rows_batch((_P * len(ptrs))(*ptrs), len(ptrs), row_bytes, slots.data_ptr(),
-                                        (_I * len(offsets))(*offsets), len(srcs),
-                                        (_P * len(srcs))(*(src.data_ptr() for src in srcs)))
+    rc = _CPU.lmcsgl_scatter_rows_batch(
+        (_P * len(ptrs))(*ptrs),
+        len(ptrs),
+        row_bytes,
+        slots.data_ptr(),
+        (_I * len(offsets))(*offsets),
+        len(srcs),
+        (_P * len(srcs))(*(src.data_ptr() for src in srcs)),
+    )
     if rc == 1:  # the kernel checks distinctness (every other argument was checked here)
         raise ValueError(distinct)
     if rc != 0:
@@ -243,8 +266,9 @@ def _check_shuffle(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> int:
         raise ValueError("src and out must be contiguous and on one device")
     n = _nbytes(src)
     if _nbytes(out) != n or n % elem_size:
-        raise ValueError(f"src has {n} bytes and out {_nbytes(out)}: they must be equal and a "
-                         f"multiple of elem_size {elem_size}")
+        raise ValueError(
+            f"src has {n} bytes and out {_nbytes(out)}: they must be equal and a multiple of elem_size {elem_size}"
+        )
     return n
 
 
