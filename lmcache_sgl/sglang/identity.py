@@ -73,7 +73,11 @@ def _kv_scales(model: torch.nn.Module):
 def model_identity(hf_config, model: torch.nn.Module) -> bytes:
     """Fingerprint of the model: its config (minus paths) and every byte of every
     parameter, buffer and KV scale; any change to one of them changes it."""
-    config = {k: v for k, v in hf_config.to_dict().items() if k not in ("_name_or_path", "_commit_hash", "transformers_version")}
+    config = {
+        k: v
+        for k, v in hf_config.to_dict().items()
+        if k not in ("_name_or_path", "_commit_hash", "transformers_version")
+    }
     with torch.no_grad():
         named = [(f"param:{n}", t) for n, t in model.named_parameters()]
         named += [(f"buffer:{n}", t) for n, t in model.named_buffers()]
