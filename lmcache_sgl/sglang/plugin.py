@@ -28,8 +28,13 @@ SUPPORTED_SGLANG = "0.5.23"
 _WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 # Every SchedulerWeightUpdaterManager method after which the served weights may differ.
 WEIGHT_CHANGES = (
-    "update_weights_from_disk", "update_weights_from_distributed", "update_weights_from_tensor",
-    "update_weights_from_ipc", "begin_weight_update", "end_weight_update", "resume_memory_occupation",
+    "update_weights_from_disk",
+    "update_weights_from_distributed",
+    "update_weights_from_tensor",
+    "update_weights_from_ipc",
+    "begin_weight_update",
+    "end_weight_update",
+    "resume_memory_occupation",
 )
 
 
@@ -37,14 +42,20 @@ def register() -> None:
     """Plugin entry point."""
     found = importlib.metadata.version("sglang")
     if found != SUPPORTED_SGLANG:
-        log.error("lmcache-sgl needs sglang==%s but sglang %s is installed: lmcache-sgl is NOT active", SUPPORTED_SGLANG, found)
+        log.error(
+            "lmcache-sgl needs sglang==%s but sglang %s is installed: lmcache-sgl is NOT active",
+            SUPPORTED_SGLANG,
+            found,
+        )
         return
     from sglang.srt.mem_cache.registry import register_radix_cache_backend, registered_radix_cache_backends
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if BACKEND not in registered_radix_cache_backends():
         register_radix_cache_backend(BACKEND, build_cache)
-    HookRegistry.register("sglang.srt.mem_cache.registry.default_radix_cache_factory", _route_enable_lmcache, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.mem_cache.registry.default_radix_cache_factory", _route_enable_lmcache, HookType.AROUND
+    )
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _after_is_fully_idle, HookType.AFTER)
     for method in WEIGHT_CHANGES:
         HookRegistry.register(f"{_WEIGHT_UPDATER}.{method}", _before_weight_change, HookType.BEFORE)
@@ -73,7 +84,7 @@ def _route_enable_lmcache(original, ctx):
 
 
 # ---- weight updates ------------------------------------------------------------------
-def _served_engine(scheduler) -> "ServedEngine | None":
+def _served_engine(scheduler) -> ServedEngine | None:
     engine = getattr(getattr(scheduler, "tree_cache", None), "engine", None)
     return engine if isinstance(engine, ServedEngine) else None
 
@@ -89,7 +100,10 @@ def _before_weight_change(manager, *args, **kwargs):
 def _after_weight_change(result, manager, *args, **kwargs):
     engine = _served_engine(manager.scheduler)
     if engine is not None and engine.paused:
-        log.warning("lmcache-sgl: the weights changed and the cache was not flushed: the tiers stay paused until /flush_cache succeeds")
+        log.warning(
+            "lmcache-sgl: the weights changed and the cache was not flushed: "
+            "the tiers stay paused until /flush_cache succeeds"
+        )
     return result
 
 
@@ -104,8 +118,10 @@ def _after_flush_cache(flushed, scheduler, *args, **kwargs):
         engine.set_model(model_id)
         engine.paused = False
         log.info(
-            "lmcache-sgl: the weights changed: new model fingerprint %s (%.2f s); KV stored under the old weights is never used",
-            model_id.hex(), time.perf_counter() - started,
+            "lmcache-sgl: the weights changed: new model fingerprint %s (%.2f s); "
+            "KV stored under the old weights is never used",
+            model_id.hex(),
+            time.perf_counter() - started,
         )
     return flushed
 
@@ -117,7 +133,7 @@ class ServedEngine(CacheEngine):
     def __init__(self, *args, lora_manager=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lora_manager = lora_manager  # SGLang's LoRAManager, or None without LoRA
-        self._adapter_digests: "weakref.WeakKeyDictionary[object, bytes]" = weakref.WeakKeyDictionary()
+        self._adapter_digests: weakref.WeakKeyDictionary[object, bytes] = weakref.WeakKeyDictionary()
 
     def seed(self, extra_key: str | None = None, cache_salt: str | None = None) -> bytes:
         return super().seed(self._adapter_key(extra_key), cache_salt)
@@ -136,7 +152,6 @@ class ServedEngine(CacheEngine):
         return extra_key
 
 
-
 def served_engine(ctx, config, kvcache, pool: KVPoolView) -> ServedEngine:
     """The engine for the model `ctx` (SGLang's TreeCacheBuildContext) serves: its
     namespace holds a fingerprint of every byte of the weights and the logical KV dtype;
@@ -146,7 +161,12 @@ def served_engine(ctx, config, kvcache, pool: KVPoolView) -> ServedEngine:
     model_id = model_identity(ctx.model_config.hf_config, runner.model)
     log.info("lmcache-sgl: model fingerprint %s (%.2f s)", model_id.hex(), time.perf_counter() - started)
     return ServedEngine(
-        config, pool, model_id, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, kv_dtype=kv_dtype_name(kvcache, ctx.server_args),
+        config,
+        pool,
+        model_id,
+        tp_rank=ctx.tp_rank,
+        tp_size=ctx.tp_size,
+        kv_dtype=kv_dtype_name(kvcache, ctx.server_args),
         device_stream=getattr(runner, "forward_stream", None) if pool.buffers[0].is_cuda else None,
         lora_manager=getattr(runner, "lora_manager", None),
     )
@@ -176,7 +196,11 @@ def build_cache(ctx):
     flush_on_signals(engine, config.shutdown_flush_timeout)
     log.info(
         "lmcache-sgl active: config %s, chunk_size %d, layout %s %s, tiers: %s, %s",
-        config_file or "(defaults and LMCACHE_* variables)", config.chunk_size, pool.describe(), kv_dtype_name(kvcache, ctx.server_args),
-        engine.stack.describe(), config.write_policy,
+        config_file or "(defaults and LMCACHE_* variables)",
+        config.chunk_size,
+        pool.describe(),
+        kv_dtype_name(kvcache, ctx.server_args),
+        engine.stack.describe(),
+        config.write_policy,
     )
     return cache
