@@ -35,8 +35,10 @@ def close_engine(engine, timeout_s: float, why: str) -> None:
     started = time.monotonic()
     done = engine.close(timeout_s)
     log.info(
-        "lmcache-sgl: %s: queued writes %s in %.2f s", why,
-        "finished" if done else f"given up after the {timeout_s:g} s limit", time.monotonic() - started,
+        "lmcache-sgl: %s: queued writes %s in %.2f s",
+        why,
+        "finished" if done else f"given up after the {timeout_s:g} s limit",
+        time.monotonic() - started,
     )
 
 
