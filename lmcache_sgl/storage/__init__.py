@@ -8,6 +8,16 @@ from .stack import Hit, TierStack
 from .writer import AsyncWriter, IdleSignal
 
 __all__ = [
-    "AsyncWriter", "ColdTier", "CpuTier", "DiskDirectoryError", "DiskTier", "Held", "Hit", "IdleSignal", "Payload",
-    "Tier", "TierStack", "build_stack",
+    "AsyncWriter",
+    "ColdTier",
+    "CpuTier",
+    "DiskDirectoryError",
+    "DiskTier",
+    "Held",
+    "Hit",
+    "IdleSignal",
+    "Payload",
+    "Tier",
+    "TierStack",
+    "build_stack",
 ]
