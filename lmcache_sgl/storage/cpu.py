@@ -14,8 +14,8 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -51,7 +51,11 @@ class CpuTier:
     name = "cpu"
 
     def __init__(
-        self, capacity_bytes: int, slab_bytes: int, on_evict: EvictHook | None = None, *,
+        self,
+        capacity_bytes: int,
+        slab_bytes: int,
+        on_evict: EvictHook | None = None,
+        *,
         metrics: CacheMetrics | None = None,
     ) -> None:
         """Hold up to capacity_bytes // slab_bytes chunks of at most slab_bytes each.
