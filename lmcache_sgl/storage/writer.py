@@ -16,7 +16,8 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -43,8 +44,15 @@ class _Item(NamedTuple):
 
 class AsyncWriter:
     def __init__(
-        self, sink: Sink, *, name: str, max_bytes: int, max_delay_s: float, idle: IdleSignal | None = None,
-        on_drop: Callable[[str], None] = lambda reason: None, workers: int = 1,
+        self,
+        sink: Sink,
+        *,
+        name: str,
+        max_bytes: int,
+        max_delay_s: float,
+        idle: IdleSignal | None = None,
+        on_drop: Callable[[str], None] = lambda reason: None,
+        workers: int = 1,
     ) -> None:
         """sink(key, layout, tensor) writes one chunk (it counts its own failures; an
         exception from it is logged and counted as a drop). on_drop(reason) is told of
@@ -58,7 +66,9 @@ class AsyncWriter:
         self._urgent = 0  # flushes and callers waiting for room: write now, idle or not
         self._stopping = False
         self._cond = threading.Condition()
-        self._threads = [threading.Thread(target=self._work, name=f"lmcsgl-{name}-{i}", daemon=True) for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"lmcsgl-{name}-{i}", daemon=True) for i in range(workers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -90,6 +100,7 @@ class AsyncWriter:
     def _wait_for_room(self, nbytes: int) -> bool:
         """Under the lock: wait until `nbytes` more fit (a payload larger than the whole
         budget fits an empty queue); False after max_delay_s."""
+
         def fits() -> bool:
             return self.queued_bytes + nbytes <= self.max_bytes or self.queued_bytes == 0
 
