@@ -37,9 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     mk.add_argument("--force", action="store_true", help="rebuild even if DIR is complete")
 
     sv = sub.add_parser("serve", help="run the SGLang server (args after -- go to SGLang)")
-    sv.add_argument("--model-dir", type=Path, default=None,
-                    help="model directory; built from --preset/--seed if missing "
-                         "(default: ~/.cache/lmcache-sgl/models/PRESET-seedSEED)")
+    sv.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="model directory; built from --preset/--seed if missing "
+        "(default: ~/.cache/lmcache-sgl/models/PRESET-seedSEED)",
+    )
     sv.add_argument("--preset", choices=sorted(models.PRESETS), default="small")
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--host", default="127.0.0.1")
@@ -60,8 +64,7 @@ def serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
 
     model_dir = args.model_dir or default_model_dir(args.preset, args.seed)
     if not (model_dir / "config.json").exists():
-        print(f"lmcache-sgl: building {args.preset} model (seed {args.seed}) in {model_dir}",
-              file=sys.stderr)
+        print(f"lmcache-sgl: building {args.preset} model (seed {args.seed}) in {model_dir}", file=sys.stderr)
         models.make_model(model_dir, args.preset, args.seed)
     cpu = cpu_mode.wanted()
     cmd = launch_command(model_dir, args.port, sglang_args, host=args.host, cpu=cpu)
@@ -69,9 +72,11 @@ def serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
     if cpu:
         print("lmcache-sgl: no GPU here: SGLang runs in CPU development mode", file=sys.stderr)
         if not _plugin_registered():
-            print("lmcache-sgl: warning: the lmcache_sgl SGLang plugin is not installed "
-                  "(pip install -e .), so CPU mode's attention hooks are not active",
-                  file=sys.stderr)
+            print(
+                "lmcache-sgl: warning: the lmcache_sgl SGLang plugin is not installed "
+                "(pip install -e .), so CPU mode's attention hooks are not active",
+                file=sys.stderr,
+            )
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+        argv, passthrough = argv[:i], argv[i + 1 :]
     args = _parser().parse_args(argv)
     if args.command in ("make-model", "cache") and passthrough:
         _parser().error(f"{args.command} takes no arguments after --")
