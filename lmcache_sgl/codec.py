@@ -19,9 +19,9 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import xxhash
@@ -176,8 +176,17 @@ def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "ra
         blocks = [_compress_block(piece, elem, level) for piece in pieces]  # in the caller's (background) thread
     shape = tuple(layout.shape) + (0,) * (MAX_DIMS - len(layout.shape))
     header = _HEADER.pack(
-        MAGIC, VERSION, CODECS[codec], KINDS[layout.kind], _DTYPE_CODES[layout.dtype], len(layout.shape),
-        key, *shape, raw.numel(), block_bytes, len(blocks),
+        MAGIC,
+        VERSION,
+        CODECS[codec],
+        KINDS[layout.kind],
+        _DTYPE_CODES[layout.dtype],
+        len(layout.shape),
+        key,
+        *shape,
+        raw.numel(),
+        block_bytes,
+        len(blocks),
     )
     table = b"".join(_ENTRY.pack(len(block), xxhash.xxh3_64_intdigest(block)) for block in blocks)
     return [header, table, *blocks, xxhash.xxh3_128_digest(header + table)]
@@ -263,7 +272,9 @@ def _parse_table(head: bytes, table: bytes, digest: bytes, codec: int, block_byt
         raise ChecksumMismatch("frame header or block table checksum mismatch")
     entries = list(_ENTRY.iter_unpack(table))
     sizes = tuple(size for size, _ in entries)
-    if codec == CODECS["raw"] and any(size != min(block_bytes, raw_len - i * block_bytes) for i, size in enumerate(sizes)):
+    if codec == CODECS["raw"] and any(
+        size != min(block_bytes, raw_len - i * block_bytes) for i, size in enumerate(sizes)
+    ):
         raise MalformedFrame("raw block size does not match the layout")
     return _Frame(codec, block_bytes, sizes, tuple(d for _, d in entries), len(head) + len(table))
 
@@ -294,8 +305,12 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, pa
     if len(view) < table_end + _DIGEST_BYTES:
         raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
     info = _parse_table(
-        bytes(view[: _HEADER.size]), bytes(view[_HEADER.size : table_end]), bytes(view[-_DIGEST_BYTES:]),
-        codec, block_bytes, layout.nbytes,
+        bytes(view[: _HEADER.size]),
+        bytes(view[_HEADER.size : table_end]),
+        bytes(view[-_DIGEST_BYTES:]),
+        codec,
+        block_bytes,
+        layout.nbytes,
     )
     if len(view) != info.size:
         raise TruncatedFrame(f"frame of {len(view)} bytes, header says {info.size}")
@@ -310,7 +325,9 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, pa
     _run(one, nblocks, parallel)
 
 
-def read_into(fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
+def read_into(
+    fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True
+) -> None:
     """decode_into for a frame in an open file: each block is read by the thread that
     verifies and decodes it (raw blocks straight into `out`, zstd blocks into a per-thread
     buffer). Raises FrameError as decode_into does, OSError on a read error."""
