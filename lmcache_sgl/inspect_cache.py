@@ -352,8 +352,10 @@ def _print_common(r: dict[str, Any]) -> None:
 
 def _print_stats(r: dict[str, Any]) -> None:
     ratio = f"{r['compression_ratio']:.2f}x" if r["compression_ratio"] else "n/a"
-    print(f"{r['directory']}: {r['chunks']} chunks, {_size(r['bytes'])} on disk, "
-          f"{_size(r['raw_bytes'])} of KV, compression ratio {ratio}")
+    print(
+        f"{r['directory']}: {r['chunks']} chunks, {_size(r['bytes'])} on disk, "
+        f"{_size(r['raw_bytes'])} of KV, compression ratio {ratio}"
+    )
     if r["budget_bytes"]:
         print(f"  budget: {_size(r['bytes'])} of {_size(r['budget_bytes'])} ({100 * r['budget_used']:.1f}%)")
     for title in ("layouts", "dtypes", "codecs"):
@@ -368,8 +370,10 @@ def _print_stats(r: dict[str, Any]) -> None:
 
 
 def _print_verify(r: dict[str, Any]) -> None:
-    print(f"{r['directory']}: {r['frames']} frames ({_size(r['bytes'])}) checked in {r['seconds']:.2f} s: "
-          f"{r['good']} good, {len(r['bad'])} bad" + (f", {r['vanished']} vanished meanwhile" if r["vanished"] else ""))
+    print(
+        f"{r['directory']}: {r['frames']} frames ({_size(r['bytes'])}) checked in {r['seconds']:.2f} s: "
+        f"{r['good']} good, {len(r['bad'])} bad" + (f", {r['vanished']} vanished meanwhile" if r["vanished"] else "")
+    )
     for bad in r["bad"]:
         print(f"  bad: {bad['file']}: {bad['error']}")
     if r["deleted"]:
@@ -395,9 +399,11 @@ def run(args: argparse.Namespace) -> int:
                 _print_verify(result)
             return EXIT_BAD if result["bad"] else 0
         result = clear(args.dir)
-        print(f"{result['directory']}: removed {result['removed_chunks']} chunks "
-              f"({_size(result['removed_bytes'])}) and {result['removed_temp_files']} temp files"
-              + (f"; left {len(result['foreign_files'])} files not this project's" if result["foreign_files"] else ""))
+        print(
+            f"{result['directory']}: removed {result['removed_chunks']} chunks "
+            f"({_size(result['removed_bytes'])}) and {result['removed_temp_files']} temp files"
+            + (f"; left {len(result['foreign_files'])} files not this project's" if result["foreign_files"] else "")
+        )
         return 0
     except (CacheDirError, OSError) as e:
         print(f"lmcache-sgl cache {args.cache_command}: {e}", file=sys.stderr)
