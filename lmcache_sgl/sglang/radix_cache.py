@@ -33,7 +33,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class TPGroup:
     `CacheInitParams.tp_cache_group`). `min` is a collective: every rank must call it at
     the same point; with one rank (or no group) it exchanges nothing."""
 
-    def __init__(self, group: Optional[torch.distributed.ProcessGroup]) -> None:
+    def __init__(self, group: torch.distributed.ProcessGroup | None) -> None:
         self.group = group
         self.size = 1 if group is None else torch.distributed.get_world_size(group=group)
 
@@ -77,8 +77,8 @@ class _PendingLoad:
     device_len: int
     hit_len: int
     key_len: int
-    protection: Optional[object]
-    slots: Optional[torch.Tensor] = None  # set once loaded
+    protection: object | None
+    slots: torch.Tensor | None = None  # set once loaded
 
 
 def _token_array(token_ids) -> np.ndarray:
@@ -86,7 +86,7 @@ def _token_array(token_ids) -> np.ndarray:
 
 
 class LMCacheRadixCache(UnifiedRadixCache):
-    def __init__(self, params: CacheInitParams, engine: CacheEngine, tp: Optional[TPGroup] = None) -> None:
+    def __init__(self, params: CacheInitParams, engine: CacheEngine, tp: TPGroup | None = None) -> None:
         """tp: the ranks to agree with; default SGLang's group in `params.tp_cache_group`."""
         self.engine = engine
         self.tp = tp if tp is not None else TPGroup(params.tp_cache_group)
@@ -150,7 +150,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
             full_kv_hit_length=max(result.full_kv_hit_length, hit),
         )
 
-    def _agreed_hit(self, key, device_len: int) -> Optional[_PendingLoad]:
+    def _agreed_hit(self, key, device_len: int) -> _PendingLoad | None:
         """The hit beyond `device_len` that the tiers of every TP rank hold, its chunks
         protected here; None (nothing protected) if there is none. A collective."""
         pending = None
@@ -180,7 +180,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         hit = min(self.engine.hit_length(chunks, known=device_len, record=True), limit)
         return hit - hit % self.page_size
 
-    def _protect(self, chunks: list[Chunk], device_len: int, hit: int, key_len: int) -> Optional[_PendingLoad]:
+    def _protect(self, chunks: list[Chunk], device_len: int, hit: int, key_len: int) -> _PendingLoad | None:
         needed = [c for c in chunks if c.end > device_len and c.start < hit]
         protection = self.engine.protect(needed)
         if protection is None:  # a chunk vanished since the lookup
@@ -218,11 +218,14 @@ class LMCacheRadixCache(UnifiedRadixCache):
         pending.slots, pending.hit_len = slots, pending.device_len + count
         log.info(
             "lmcache-sgl: loaded %d tokens after a device hit of %d for request %s (%.1f ms)",
-            count, pending.device_len, req.rid, 1e3 * (time.perf_counter() - started),
+            count,
+            pending.device_len,
+            req.rid,
+            1e3 * (time.perf_counter() - started),
         )
         return count, params.best_match_node
 
-    def _load(self, pending: _PendingLoad, count: int) -> tuple[Optional[torch.Tensor], bool]:
+    def _load(self, pending: _PendingLoad, count: int) -> tuple[torch.Tensor | None, bool]:
         """Allocate `count` slots and load this rank's tiers into them: (slots or None, success)."""
         allocator, slots = self.token_to_kv_pool_allocator, None
         try:
@@ -234,7 +237,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
             self._failed("load attempt", e)
             return slots, False
 
-    def _free(self, slots: Optional[torch.Tensor]) -> None:
+    def _free(self, slots: torch.Tensor | None) -> None:
         if slots is None:
             return
         try:
