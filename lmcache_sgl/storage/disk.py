@@ -23,7 +23,7 @@ import re
 import stat
 import threading
 from collections import Counter, OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,8 +49,15 @@ class DiskTier:
     name = "disk"
 
     def __init__(
-        self, path: str, capacity_bytes: int, codec: str = "zstd", level: int = 1, *,
-        idle: IdleSignal | None = None, max_queue_bytes: int = 1 << 30, max_delay_s: float = 5.0,
+        self,
+        path: str,
+        capacity_bytes: int,
+        codec: str = "zstd",
+        level: int = 1,
+        *,
+        idle: IdleSignal | None = None,
+        max_queue_bytes: int = 1 << 30,
+        max_delay_s: float = 5.0,
         metrics: CacheMetrics | None = None,
     ) -> None:
         """Raises DiskDirectoryError if `path` is not safely ours. Writes wait for `idle`
@@ -67,7 +74,11 @@ class DiskTier:
         self._lock_fd = claim_directory(path)
         self._rebuild_index()
         self.writer = AsyncWriter(
-            self._write, name="disk", idle=idle, max_bytes=max_queue_bytes, max_delay_s=max_delay_s,
+            self._write,
+            name="disk",
+            idle=idle,
+            max_bytes=max_queue_bytes,
+            max_delay_s=max_delay_s,
             on_drop=lambda reason: self.metrics.inc("dropped_writes_total", reason=reason),
         )
 
