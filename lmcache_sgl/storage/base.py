@@ -9,8 +9,10 @@ thread-safe. Tiers know nothing of models, of SGLang or of each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -76,7 +78,7 @@ class ColdTier(Tier, Protocol):
         a bad entry (which is dropped and counted, never returned). Refreshes recency.
         `parallel`: the tier may use every core for this one read."""
 
-    def reading(self, keys: Sequence[bytes]) -> ContextManager[None]:
+    def reading(self, keys: Sequence[bytes]) -> AbstractContextManager[None]:
         """get_into and count_present calls for `keys` follow (from any thread) until the
         context exits: a remote tier fetches them all now, in one round trip, and answers
         those calls from what it fetched. Never raises; a tier with cheap reads does nothing."""
