@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +41,11 @@ class Protection(NamedTuple):
 
 class TierStack:
     def __init__(
-        self, hot: CpuTier | None, cold: Sequence[ColdTier] = (), *, write_through: bool = True,
+        self,
+        hot: CpuTier | None,
+        cold: Sequence[ColdTier] = (),
+        *,
+        write_through: bool = True,
         metrics: CacheMetrics | None = None,
     ) -> None:
         if hot is None and not cold:
@@ -140,7 +145,7 @@ class TierStack:
                 continue
             if self.hot is not None:
                 try:
-                    if self.hot.store(key, layout, lambda buf: self._read(tier, key, layout, buf, parallel)):
+                    if self.hot.store(key, layout, lambda buf, tier=tier: self._read(tier, key, layout, buf, parallel)):
                         data = self.hot.pin(key, layout)
                         if data is not None:
                             return self._hit(Hit(data, tier.name), layout)
