@@ -95,7 +95,15 @@ def plant_old_install(base: Path) -> Path:
     return site
 
 
+def site_listing(base: Path) -> list[tuple[str, int, int]]:
+    """Name, inode and mtime of every entry of the base's site-packages."""
+    site = next(base.glob("lib/python*/site-packages"))
+    return sorted((p.name, p.lstat().st_ino, p.lstat().st_mtime_ns) for p in site.iterdir() if p.name != "__pycache__")
+
+
 def test_two_clones_import_their_own_code_and_survive_each_other(tmp_path):
+    real_base = Path(BASE_FILE.read_text().strip())
+    real_before = site_listing(real_base)
     cache, private = private_cache(tmp_path)
     base = cache / Path(BASE_FILE.read_text().strip()).name
     site = plant_old_install(base) if private else None
@@ -113,3 +121,4 @@ def test_two_clones_import_their_own_code_and_survive_each_other(tmp_path):
 
     shutil.rmtree(first)
     assert_own(second)
+    assert site_listing(real_base) == real_before  # a hard-linked copy changes only by unlinking
