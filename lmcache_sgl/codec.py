@@ -170,6 +170,7 @@ def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "ra
     elem = layout.itemsize
     block_bytes = BLOCK_BYTES - BLOCK_BYTES % elem
     pieces = raw.split(block_bytes) if raw.numel() else ()
+    blocks: list[memoryview | bytes]
     if codec == "raw":
         blocks = [memoryview(piece.numpy()) for piece in pieces]
     else:
