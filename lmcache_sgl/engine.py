@@ -27,7 +27,7 @@ from .keys import Namespace, chunk_keys, chunk_spans
 from .lograte import RateLimitedLog
 from .metrics import CacheMetrics
 from .storage import IdleSignal, build_stack
-from .storage.stack import Protection
+from .storage.stack import Hit, Protection
 
 log = logging.getLogger("lmcache_sgl")
 
@@ -196,14 +196,15 @@ class CacheEngine:
         started = time.perf_counter()
         end = begin + len(slots)
         wanted = [c for c in chunks if c.end > begin and c.start < end]
-        hits: list = []
+        hits: list[Hit | None] = []
         try:
             hits = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted])
-            if any(hit is None for hit in hits):
+            loaded = [hit for hit in hits if hit is not None]
+            if len(loaded) < len(hits):
                 self.metrics.inc("failed_loads_total", reason="miss")
                 return False
             pieces = []
-            for c, hit in zip(wanted, hits, strict=True):
+            for c, hit in zip(wanted, loaded, strict=True):
                 lo, hi = max(c.start, begin), min(c.end, end)
                 src = hit.data.view(len(self.pool.buffers), c.end - c.start, -1)
                 pieces.append(src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous())
@@ -213,10 +214,10 @@ class CacheEngine:
             self._errors.warn("load", "a load failed; its tokens are recomputed: %r", e)
             return False
         finally:
-            for c, hit in zip(wanted, hits, strict=False):  # hits is empty if get_many raised
-                if hit is not None:
+            for c, got in zip(wanted, hits, strict=False):  # hits is empty if get_many raised
+                if got is not None:
                     self.stack.release(c.key)
-        for c, hit in zip(wanted, hits, strict=True):
+        for c, hit in zip(wanted, loaded, strict=True):
             self.metrics.inc("loaded_tokens_total", min(c.end, end) - max(c.start, begin), tier=hit.tier)
         self.metrics.observe("load_seconds", time.perf_counter() - started)
         return True
