@@ -39,9 +39,10 @@ def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
 
 
 try:
-    _CPU: ctypes.CDLL | None = _load("_kernels_cpu", "lmcsgl_", [])
-    _CPU.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P]
-    _CPU.lmcsgl_scatter_rows_batch.restype = ctypes.c_int
+    _cpu_lib = _load("_kernels_cpu", "lmcsgl_", [])
+    _cpu_lib.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    _cpu_lib.lmcsgl_scatter_rows_batch.restype = ctypes.c_int
+    _CPU: ctypes.CDLL | None = _cpu_lib
 except (OSError, AttributeError) as e:
     _CPU = None
     logger.warning(
