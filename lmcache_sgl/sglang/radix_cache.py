@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
+    from ..storage.stack import Protection
+
 log = logging.getLogger("lmcache_sgl")
 
 
@@ -77,7 +79,7 @@ class _PendingLoad:
     device_len: int
     hit_len: int
     key_len: int
-    protection: object | None
+    protection: Protection | None
     slots: torch.Tensor | None = None  # set once loaded
 
 
