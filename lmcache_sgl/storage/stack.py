@@ -11,6 +11,7 @@ under write_back, chunks the hot tier evicts are demoted to the cold tiers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ class TierStack:
         if hot is None and not cold:
             raise ValueError("a TierStack needs at least one tier")
         self.hot, self.cold, self.write_through = hot, list(cold), write_through
-        self.tiers: list[Tier] = ([hot] if hot is not None else []) + self.cold
+        self.tiers: list[Tier] = [hot, *self.cold] if hot is not None else [*self.cold]
         self.metrics = metrics if metrics is not None else CacheMetrics()
         if hot is not None and self.cold and not write_through:
             hot.on_evict = self._demote
@@ -145,7 +146,7 @@ class TierStack:
                 continue
             if self.hot is not None:
                 try:
-                    if self.hot.store(key, layout, lambda buf, tier=tier: self._read(tier, key, layout, buf, parallel)):
+                    if self.hot.store(key, layout, functools.partial(self._read, tier, key, layout, parallel=parallel)):
                         data = self.hot.pin(key, layout)
                         if data is not None:
                             return self._hit(Hit(data, tier.name), layout)
@@ -179,7 +180,7 @@ class TierStack:
                 wanted = [key for key in wanted if key not in tier]
             if not self.cold or len(items) < 2:
                 return [self._get_or_none(key, layout, True) for key, layout in items]
-            return list(_readers().map(lambda item: self._get_or_none(*item, False), items))
+            return list(_readers().map(lambda item: self._get_or_none(item[0], item[1], False), items))
 
     def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool) -> Hit | None:
         try:
