@@ -17,8 +17,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 PREFIX = "lmcache_sgl_"
 TIERS = ("cpu", "disk", "redis")
@@ -184,7 +185,7 @@ class PrometheusExporter:
         self._labels = dict(labels)
         names = list(self._labels)
         self._metrics = metrics
-        self._prom = {}
+        self._prom: dict[str, Counter | Gauge | Histogram] = {}
         for name, s in SERIES.items():
             labelnames = names + ([s.label] if s.label else [])
             full = PREFIX + name
@@ -202,8 +203,12 @@ class PrometheusExporter:
         threading.Thread(target=self._run, args=(interval,), name="lmcache-sgl-metrics", daemon=True).start()
 
     def _series(self, name: str, label: str | None):
-        own = {SERIES[name].label: label} if label is not None else {}
-        return self._prom[name].labels(**self._labels, **own)
+        if label is None:
+            return self._prom[name].labels(**self._labels)
+        key = SERIES[name].label
+        if key is None:
+            raise ValueError(f"lmcache-sgl metric {name} takes no label")
+        return self._prom[name].labels(**self._labels, **{key: label})
 
     def _failure(self) -> None:
         if not self._failed:
@@ -248,7 +253,10 @@ def install_exporter(metrics: CacheMetrics) -> None:
     observability, parallel = get_observability(), get_parallel()
     if not observability.enable_metrics:
         return
-    if not (parallel.attn_tp_rank == 0 and parallel.attn_cp_rank == 0) and not observability.enable_metrics_for_all_schedulers:
+    if (
+        not (parallel.attn_tp_rank == 0 and parallel.attn_cp_rank == 0)
+        and not observability.enable_metrics_for_all_schedulers
+    ):
         return
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         log.warning("lmcache-sgl: PROMETHEUS_MULTIPROC_DIR is not set, so its metrics are not exported")
