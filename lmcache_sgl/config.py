@@ -11,8 +11,9 @@ import dataclasses
 import os
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -35,16 +36,22 @@ class LMCacheConfig:
     max_local_cpu_size: float = 5.0  # GB of CPU memory for the CPU tier
     local_disk: str | None = None  # directory of the disk tier ("file://" prefix and ~ allowed)
     max_local_disk_size: float = 0.0  # GB the disk tier may use
-    write_policy: str = "write_through"  # write_through: every store also goes to disk; write_back: only CPU evictions do
+    write_policy: str = (
+        "write_through"  # write_through: every store also goes to disk; write_back: only CPU evictions do
+    )
     disk_codec: str = "zstd"  # zstd (byte shuffle + zstd) or raw
     zstd_level: int = 1  # zstd level for disk frames
     save_unfull_chunk: bool = True  # also store the trailing partial chunk of a prefix
     save_on_checkpoint: bool = True  # store chunks as soon as computed (else only when SGLang evicts them)
     save_decode_cache: bool = False  # with save_on_checkpoint, store decode tokens' chunks too
-    max_disk_write_delay: float = 5.0  # seconds a write_through chunk may wait for an idle server before it goes to disk anyway
+    max_disk_write_delay: float = (
+        5.0  # seconds a write_through chunk may wait for an idle server before it goes to disk anyway
+    )
     max_write_queue_size: float = 1.0  # GB of chunk copies the asynchronous disk writer may hold in its queue
     shutdown_flush_timeout: float = 10.0  # seconds a stopping server waits for queued disk writes
-    remote_url: str | None = None  # the shared Redis tier: redis://, rediss://, unix://, redis-cluster://, rediss-cluster://
+    remote_url: str | None = (
+        None  # the shared Redis tier: redis://, rediss://, unix://, redis-cluster://, rediss-cluster://
+    )
     remote_serde: str = "naive"  # naive (raw frame) or zstd (the disk codec)
     remote_timeout: float = 0.5  # seconds any one wait on Redis may take
     remote_ttl: float = 0.0  # seconds a chunk lives in Redis (0: until the server evicts it)
@@ -80,13 +87,17 @@ class LMCacheConfig:
                 return f.read().rstrip(b"\r\n")
         return None
 
-    def validated(self, page_size: int = 1, chunk_bytes: int | None = None) -> "LMCacheConfig":
+    def validated(self, page_size: int = 1, chunk_bytes: int | None = None) -> LMCacheConfig:
         """Return self after checking every value; raise ConfigError naming the first bad key.
 
         chunk_bytes, the bytes of one chunk where the caller knows them, also refuses a CPU
         tier too small to hold one chunk."""
         if page_size <= 0 or not 0 < self.chunk_size <= MAX_CHUNK_TOKENS or self.chunk_size % page_size:
-            _bad("chunk_size", self.chunk_size, f"must be a multiple of the page size {page_size} in 1..{MAX_CHUNK_TOKENS}")
+            _bad(
+                "chunk_size",
+                self.chunk_size,
+                f"must be a multiple of the page size {page_size} in 1..{MAX_CHUNK_TOKENS}",
+            )
         for key, above_zero, high in (
             ("max_local_cpu_size", False, MAX_GB),
             ("max_local_disk_size", False, MAX_GB),
@@ -115,9 +126,12 @@ class LMCacheConfig:
         if chunk_bytes is not None and self.local_cpu and self.cpu_bytes < chunk_bytes:
             # chunk_bytes / GB is exact in a float and in 30 decimals, so the stated minimum is accepted
             smallest = f"{chunk_bytes / GB:.30f}".rstrip("0").rstrip(".")
-            _bad("max_local_cpu_size", self.max_local_cpu_size, f"must hold one chunk with local_cpu: at least {smallest} GB")
+            _bad(
+                "max_local_cpu_size",
+                self.max_local_cpu_size,
+                f"must hold one chunk with local_cpu: at least {smallest} GB",
+            )
         return self
-
 
     def _check_remote(self) -> None:
         tls_keys = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
@@ -129,7 +143,11 @@ class LMCacheConfig:
         _check_remote_url(self.remote_url)
         if self.remote_serde not in ("naive", "zstd"):
             _bad("remote_serde", self.remote_serde, "must be naive or zstd")
-        if not self.remote_key_prefix.isprintable() or " " in self.remote_key_prefix or len(self.remote_key_prefix) > 256:
+        if (
+            not self.remote_key_prefix.isprintable()
+            or " " in self.remote_key_prefix
+            or len(self.remote_key_prefix) > 256
+        ):
             _bad("remote_key_prefix", self.remote_key_prefix, "must be at most 256 printable characters without spaces")
         if self.remote_hmac_key is not None and self.remote_hmac_key_file is not None:
             _bad("remote_hmac_key_file", self.remote_hmac_key_file, "and 'remote_hmac_key' are both set; set one")
@@ -253,7 +271,10 @@ def config_from_mapping(values: Mapping[str, Any], *, from_env: bool = False) ->
 
 
 def load_config(
-    path: str | None = None, *, page_size: int = 1, environ: Mapping[str, str] | None = None,
+    path: str | None = None,
+    *,
+    page_size: int = 1,
+    environ: Mapping[str, str] | None = None,
     chunk_bytes: int | None = None,
 ) -> LMCacheConfig:
     """Defaults < YAML file (`path` or LMCACHE_CONFIG_FILE) < LMCACHE_<KEY> variables,
