@@ -31,8 +31,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -109,7 +110,7 @@ class _Server:
             self._down_until = time.monotonic() + self._backoff
         if first:
             self._errors.warn(
-                f"down {self.label}", "%s failed (%r): its chunks are misses; retrying with backoff", self.label, e,
+                f"down {self.label}", "%s failed (%r): its chunks are misses; retrying with backoff", self.label, e
             )
         else:
             self._errors.warn(f"down {self.label}", "%s still failing (%r)", self.label, e)
@@ -119,9 +120,19 @@ class RedisTier:
     name = "redis"
 
     def __init__(
-        self, url: str, *, serde: str = "naive", level: int = 1, timeout_s: float = 0.5, ttl_s: float | None = None,
-        key_prefix: str = "lmcsgl:", hmac_key: bytes | None = None, tls: TlsFiles = TlsFiles(),
-        idle: IdleSignal | None = None, max_queue_bytes: int = 1 << 30, max_delay_s: float = 5.0,
+        self,
+        url: str,
+        *,
+        serde: str = "naive",
+        level: int = 1,
+        timeout_s: float = 0.5,
+        ttl_s: float | None = None,
+        key_prefix: str = "lmcsgl:",
+        hmac_key: bytes | None = None,
+        tls: TlsFiles = TlsFiles(),
+        idle: IdleSignal | None = None,
+        max_queue_bytes: int = 1 << 30,
+        max_delay_s: float = 5.0,
         metrics: CacheMetrics | None = None,
     ) -> None:
         """`url`: redis://[user:password@]host:port/db, rediss://..., unix://path[?db=n],
@@ -141,7 +152,11 @@ class RedisTier:
         self._usage_at = -USAGE_REFRESH_S
         self._route = _Routing(url, timeout_s, tls, self._errors)
         self.writer = AsyncWriter(
-            self._write, name="redis", idle=idle, max_bytes=max_queue_bytes, max_delay_s=max_delay_s,
+            self._write,
+            name="redis",
+            idle=idle,
+            max_bytes=max_queue_bytes,
+            max_delay_s=max_delay_s,
             on_drop=lambda reason: self.metrics.inc("dropped_writes_total", reason=reason),
         )
 
@@ -173,7 +188,7 @@ class RedisTier:
             replies = server.run([(command, self._rkey(keys[i])) for i in idx]) if server is not None else None
             if replies is None:
                 continue
-            for i, reply in zip(idx, replies):
+            for i, reply in zip(idx, replies, strict=False):  # a reply missing stays None: a miss
                 out[i] = None if isinstance(reply, Exception) else reply
             if any(isinstance(r, redis.ResponseError) and str(r).startswith(("MOVED", "ASK")) for r in replies):
                 self._route.refresh()  # slots moved (resharding, failover): their keys were misses this time
@@ -221,7 +236,7 @@ class RedisTier:
         keys = list(dict.fromkeys(keys))
         values = self._fetch("GET", keys) if keys else []
         with self._lock:
-            self._batch.update(zip(keys, values))
+            self._batch.update(zip(keys, values, strict=True))
         try:
             yield
         finally:
@@ -357,7 +372,9 @@ class _Routing:
         self.cluster = parts.scheme.endswith("-cluster")
         self._errors = errors
         self._kwargs: dict[str, Any] = dict(
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=0,
             retry=Retry(NoBackoff(), 1, (redis.ConnectionError,)),  # a stale pooled socket: reconnect once
         )
         if parts.scheme.startswith("rediss"):
@@ -375,7 +392,9 @@ class _Routing:
         self._startup = [_host_port(hp) for hp in nodes.split(",")]
         host, port = self._startup[0]
         # Node clients get the timeouts, TLS files and credentials only from a URL'd client.
-        self._first_url = f"{parts.scheme.removesuffix('-cluster')}://{userinfo + '@' if userinfo else ''}{host}:{port}/0"
+        self._first_url = (
+            f"{parts.scheme.removesuffix('-cluster')}://{userinfo + '@' if userinfo else ''}{host}:{port}/0"
+        )
         self._cluster_client = None
         self._next_init = 0.0
         self._init_backoff = 0.0
@@ -387,8 +406,11 @@ class _Routing:
                 return self._cluster_client
             try:
                 self._cluster_client = RedisCluster(
-                    url=self._first_url, startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
-                    require_full_coverage=False, cluster_error_retry_attempts=0, **self._kwargs,
+                    url=self._first_url,
+                    startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
+                    require_full_coverage=False,
+                    cluster_error_retry_attempts=0,
+                    **self._kwargs,
                 )
                 self._init_backoff = 0.0
             except (*_FAILURES, redis.RedisError) as e:
@@ -401,7 +423,9 @@ class _Routing:
         with self._lock:
             server = self._servers.get(node.name)
             if server is None:
-                server = self._servers[node.name] = _Server(f"cluster master {node.name}", rc.get_redis_connection(node), self._errors)
+                server = self._servers[node.name] = _Server(
+                    f"cluster master {node.name}", rc.get_redis_connection(node), self._errors
+                )
             return server
 
     def server_of(self, rkey: bytes) -> _Server | None:
