@@ -1,11 +1,17 @@
-.PHONY: setup test bench serve clean
+.PHONY: setup lint test bench serve clean
 
 PY := .venv/bin/python
 
 setup:
 	@scripts/setup.sh
 
-test: setup
+# ruff (lint, format) and mypy over lmcache_sgl/, configured in pyproject.toml: seconds
+lint: setup
+	.venv/lint/bin/ruff check lmcache_sgl
+	.venv/lint/bin/ruff format --check lmcache_sgl
+	.venv/lint/bin/mypy --python-executable $(PY)
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 bench: setup

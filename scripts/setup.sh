@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-KEY=$(cat requirements.txt requirements.lock | sha256sum | cut -c1-16)-$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+PYTAG=$("$PY" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+KEY=$(cat requirements.txt requirements.lock | sha256sum | cut -c1-16)-$PYTAG
 CACHE_ROOT=${LMCACHE_SGL_ENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmcache-sgl}
 BASE="$CACHE_ROOT/env-$KEY"
 
@@ -50,6 +51,18 @@ if [ "$(cat .venv/.lmcache-sgl-installed 2>/dev/null)" != "$STAMP" ] || ! ls lmc
     .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
     echo "$STAMP" > .venv/.lmcache-sgl-installed
 fi
+
+# The lint tools of `make lint` (requirements-lint.txt): a small shared environment of
+# their own, keyed by their pins, so they change nothing that the code imports.
+LINT="$CACHE_ROOT/lint-$(sha256sum < requirements-lint.txt | cut -c1-16)-$PYTAG"
+if [ ! -f "$LINT/.complete" ]; then
+    echo "setup: installing the lint tools into $LINT"
+    rm -rf "$LINT"
+    "$PY" -m venv "$LINT"
+    "$LINT/bin/pip" install -q -r requirements-lint.txt
+    touch "$LINT/.complete"
+fi
+[ "$(readlink .venv/lint)" = "$LINT" ] || ln -sfn "$LINT" .venv/lint
 
 # Older setups installed lmcache-sgl into the base itself, where every clone saw it.
 if ls -d "$BASE_SITE"/lmcache_sgl-*.dist-info >/dev/null 2>&1; then
