@@ -10,7 +10,9 @@ approach), the Redis tier's store and retrieve against a redis-server it starts,
 plain redis-py GET of the same value as the baseline, and the zstd ratio on KV produced by a forward pass of a random-weight Llama.
 GB/s are 1e9 bytes per second of chunk data.
 
-    python bench/tiers.py [--quick] [--json]
+    python bench/tiers.py [--quick] [--json] [--png bench/out/tiers.png]
+
+Also writes a PNG (--png): every bandwidth as a bar, against memcpy's as a line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from lmcache_sgl import ops  # noqa: E402
 from lmcache_sgl.codec import ChunkLayout, encode, frame_bytes  # noqa: E402
 from lmcache_sgl.storage import CpuTier, DiskTier, Payload  # noqa: E402
+from plotting import pyplot, save  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, TOKENS = 32, 8, 128, 256
 
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (finishes in well under 60 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dir", default=None, help="directory for the disk tier (default: a temp dir under bench/out)")
+    parser.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "tiers.png"), help="where the figure goes (default: %(default)s)")
     args = parser.parse_args()
     repeats = 5 if args.quick else 20
 
@@ -158,11 +162,28 @@ def main() -> None:
     result["compiled_kernels"] = ops.HAVE_EXTENSION
     result["threads"] = torch.get_num_threads()
 
+    plot(result, args.png)
     if args.json:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
     else:
         for name, value in result.items():
             print(f"{name:>28}: {value:.3f}" if isinstance(value, float) else f"{name:>28}: {value}")
+
+
+def plot(result: dict, path: str) -> None:
+    """Every *_gbps figure as a horizontal bar, memcpy's as a vertical line through them."""
+    plt = pyplot()
+    names = [k for k in result if k.endswith("_gbps") and k != "memcpy_gbps"]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    ax.barh(range(len(names)), [result[k] for k in names], color="tab:blue")
+    ax.axvline(result["memcpy_gbps"], color="tab:red", linestyle="--", label=f"memcpy {result['memcpy_gbps']:.1f} GB/s")
+    ax.set_yticks(range(len(names)), [k[: -len("_gbps")].replace("_", " ") for k in names])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("GB/s (log scale)")
+    ax.set_title(f"Tier bandwidth, one {LAYERS}-layer 256-token chunk (zstd ratio {result['zstd_ratio']:.2f})")
+    ax.legend(loc="lower right")
+    save(fig, path)
 
 
 def _redis(layout: ChunkLayout, chunk: torch.Tensor, out: torch.Tensor, keys, repeats: int, gbps) -> dict:

@@ -20,7 +20,10 @@ evicts the first one from SGLang's radix tree. Phases, each a /generate of one t
 On a CPU-only machine every server runs in CPU development mode, ours and the baseline
 with the new-tokens-only extend attention; the stock-backend figures show its effect.
 
-    python bench/ttft.py [--quick] [--json] [--prompt-tokens 8192]
+    python bench/ttft.py [--quick] [--json] [--prompt-tokens 8192] [--png bench/out/ttft.png]
+
+Also writes a PNG (--png): every phase's samples and median side by side, and the
+no-reuse throughput per round of both servers.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import yaml  # noqa: E402
 from lmcache_sgl.cli import default_model_dir  # noqa: E402
 from lmcache_sgl.models import make_model  # noqa: E402
 from lmcache_sgl.server import SGLangServer, wait_for_files  # noqa: E402
+from plotting import pyplot, save  # noqa: E402
 
 
 def ttft(server: SGLangServer, prompt: list[int]) -> tuple[float, int]:
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--model-dir", default=None, help="default: the built-in small model (built if missing)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    parser.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "ttft.png"), help="where the figure goes (default: %(default)s)")
     opts = parser.parse_args()
 
     model = opts.model_dir or str(make_model(default_model_dir("small", 0), "small", 0))
@@ -186,11 +191,36 @@ def main() -> None:
         "noreuse_throughput_per_round": {k: [round(x) for x in v] for k, v in rates.items()},
         "samples_s": {k: [round(x, 4) for x in v] for k, v in phases.items() if not k.endswith("evict")},
     }
+    plot(phases, rates, n, opts.png)
     if opts.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     else:
         for key, value in result.items():
             print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
+
+
+def plot(phases: dict[str, list[float]], rates: dict[str, list[float]], prompt_tokens: int, path: str) -> None:
+    """Left: each phase's TTFT samples (dots) and median (bar), log scale, grouped by
+    server. Right: the no-reuse throughput of ours and the baseline, round by round."""
+    plt = pyplot()
+    names = [p for p in phases if not p.endswith("evict")]
+    colors = {"baseline": "tab:gray", "stock": "tab:orange"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    for i, name in enumerate(names):
+        color = colors.get(name.split("_")[0], "tab:blue")
+        left.bar(i, statistics.median(phases[name]), color=color, alpha=0.5)
+        left.scatter([i] * len(phases[name]), phases[name], color=color, s=12, zorder=3)
+    left.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=30, ha="right")
+    left.set_yscale("log")
+    left.set_ylabel("TTFT (s)")
+    left.set_title(f"TTFT per phase, {prompt_tokens}-token prompt (blue: ours)")
+    for name, values in rates.items():
+        right.plot(range(1, len(values) + 1), values, "o-", label={"ours": "ours", "base": "baseline"}[name])
+    right.set_xlabel("round")
+    right.set_ylabel("tokens/s")
+    right.set_title("no reuse: throughput")
+    right.legend()
+    save(fig, path)
 
 
 if __name__ == "__main__":
