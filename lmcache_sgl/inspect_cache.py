@@ -333,10 +333,10 @@ def _budget(args: argparse.Namespace) -> int | None:
 
 
 def _size(n: float) -> str:
-    units = ("B", "KB", "MB", "GB", "TB")
+    units = ("B", "KiB", "MiB", "GiB", "TiB")  # binary, as the config's GB
     i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n, i = n / 1000, i + 1
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
     return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
 
 
