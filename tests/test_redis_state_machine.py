@@ -11,12 +11,11 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from redis_servers import REDIS_SERVER, RedisServer
 
 from lmcache_sgl.codec import ChunkLayout
 from lmcache_sgl.storage import CpuTier, TierStack
 from lmcache_sgl.storage.redis import RedisTier
-
-from redis_servers import REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 LAYOUT = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 16))
@@ -57,12 +56,12 @@ class RedisStackMachine(RuleBasedStateMachine):
     def get_many(self, ids):
         hits = self.stack.get_many([(key(i), LAYOUT) for i in ids])
         try:
-            for i, hit in zip(ids, hits):
+            for i, hit in zip(ids, hits, strict=True):
                 if hit is not None:
                     assert key(i) in self.model, "a chunk that was never stored came back"
                     assert torch.equal(hit.data, self.model[key(i)]), "a get returned other bytes"
         finally:
-            for i, hit in zip(ids, hits):
+            for i, hit in zip(ids, hits, strict=True):
                 if hit is not None:
                     self.stack.release(key(i))
 
