@@ -11,6 +11,9 @@ evicts the first one from SGLang's radix tree. Phases, each a /generate of one t
                   hits compared were measured side by side; median of all
     CPU-tier hit  A after other prompts filled the pool and pushed A out, median of 5
     disk-tier hit A after a server restart (CPU tier empty); 2 restarts with --quick, else 3
+    Redis hit     prompt R on a second instance (no disk tier), first request after another
+                  instance, sharing one redis-server started by the benchmark, served R
+                  (skipped, key null, where redis-server is not installed)
   baseline (stock SGLang, same pool): A cold, then A after the same eviction (recomputed)
   stock backend (no lmcache, SGLang's unmodified CPU extend attention): cold, device hit
   no reuse: all-distinct prompts, concurrently, on ours and on the baseline, 4 rounds
@@ -35,17 +38,19 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import redis  # noqa: E402
 import yaml  # noqa: E402
 
 from lmcache_sgl.cli import default_model_dir  # noqa: E402
 from lmcache_sgl.models import make_model  # noqa: E402
-from lmcache_sgl.server import SGLangServer, wait_for_files  # noqa: E402
+from lmcache_sgl.server import SGLangServer, free_port, wait_for_files  # noqa: E402
 from plotting import pyplot, save  # noqa: E402
 
 
@@ -75,6 +80,27 @@ def start(model: str, args: list[str], workdir: str, name: str, env: dict | None
     server.wait_healthy(timeout=600)
     server.generate(list(range(100, 164)), max_new_tokens=2)  # warm-up
     return server
+
+
+def start_redis(workdir: str) -> tuple[subprocess.Popen, str] | None:
+    """A redis-server on a free loopback port (no persistence), and its URL; None if
+    redis-server is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_timeout=1).ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def main() -> None:
@@ -110,6 +136,8 @@ def main() -> None:
     with open(config, "w") as f:
         yaml.safe_dump({"chunk_size": 256, "max_local_cpu_size": 2.0, "local_disk": os.path.join(workdir, "disk"), "max_local_disk_size": 4.0}, f)
     ours_args = ["--enable-lmcache", "--lmcache-config-file", config, *pool_args]
+    shared_prompt = prompt()  # the Redis phase's prompt R
+    redis_server = None
     phases: dict[str, list[float]] = {}
     cached: dict[str, list[int]] = {}
 
@@ -157,6 +185,20 @@ def main() -> None:
             record("device_hit", ours, targets[i % samples])
             ours.stop()
 
+        redis_server = start_redis(workdir)
+        if redis_server is not None:
+            shared = os.path.join(workdir, "redis.yaml")
+            with open(shared, "w") as f:
+                yaml.safe_dump({"chunk_size": 256, "max_local_cpu_size": 2.0, "remote_url": redis_server[1]}, f)
+            redis_args = ["--enable-lmcache", "--lmcache-config-file", shared, *pool_args]
+            first = start(model, redis_args, workdir, "redis-first")
+            ttft(first, shared_prompt)
+            first.stop()  # a stopping server writes what it has queued
+            second = start(model, redis_args, workdir, "redis-second")
+            record("redis_hit", second, shared_prompt)
+            record("device_hit", second, shared_prompt)
+            second.stop()
+
         stock = start(model, pool_args, workdir, "stock-backend", env={"LMCACHE_SGL_CPU_EXTEND": "0"})
         for a in targets:
             record("stock_backend_cold", stock, a)
@@ -166,6 +208,9 @@ def main() -> None:
     finally:
         for server in STARTED:
             server.stop()
+        if redis_server is not None:
+            redis_server[0].kill()
+            redis_server[0].wait()
         if not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -175,6 +220,7 @@ def main() -> None:
         "device_hit_ttft_s": med["device_hit"],
         "cpu_hit_ttft_s": med["cpu_hit"],
         "disk_hit_ttft_s": med["disk_hit"],
+        "redis_hit_ttft_s": med.get("redis_hit"),
         "baseline_revisit_ttft_s": med["baseline_revisit"],
         "stock_backend_cold_ttft_s": med["stock_backend_cold"],
         "stock_backend_device_hit_ttft_s": med["stock_backend_device_hit"],
@@ -186,6 +232,8 @@ def main() -> None:
         "cpu_hit_vs_cold": med["cpu_hit"] / med["cold"],
         "disk_hit_vs_device_hit": med["disk_hit"] / med["device_hit"],
         "disk_hit_vs_cold": med["disk_hit"] / med["cold"],
+        "redis_hit_vs_device_hit": med["redis_hit"] / med["device_hit"] if "redis_hit" in med else None,
+        "redis_hit_vs_cold": med["redis_hit"] / med["cold"] if "redis_hit" in med else None,
         "cold_vs_stock_backend_cold": med["cold"] / med["stock_backend_cold"],
         "baseline_revisit_vs_cold": med["baseline_revisit"] / med["cold"],
         "noreuse_throughput_per_round": {k: [round(x) for x in v] for k, v in rates.items()},
