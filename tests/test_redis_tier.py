@@ -63,6 +63,23 @@ def test_store_and_read_back_across_instances(redis_server, serde):
     a.close(), b.close()
 
 
+def test_queued_writes_share_one_pipeline(redis_server, monkeypatch):
+    """Chunks queued while the server is busy are written, once their turn comes, with
+    one pipeline of SETs per batch, not one round trip per chunk."""
+    from lmcache_sgl.storage import IdleSignal
+
+    idle = IdleSignal()
+    t = RedisTier(redis_server.url, timeout_s=TIMEOUT, max_delay_s=60, idle=idle)
+    calls = count_round_trips(monkeypatch)
+    for i in range(redis_module.WRITE_BATCH):
+        assert t.put(key(i), LAYOUT, Payload(payload(i), LAYOUT.nbytes))
+    assert t.flush(10)
+    assert calls == [redis_module.WRITE_BATCH]
+    assert t.metrics.snapshot()["stored_chunks_total"] == {"redis": redis_module.WRITE_BATCH}
+    assert all(torch.equal(read(tier(redis_server), i), payload(i)) for i in range(redis_module.WRITE_BATCH))
+    t.close()
+
+
 def test_lookup_and_load_are_one_round_trip_each(redis_server, monkeypatch):
     """20 chunks from another instance: lookup is one pipelined EXISTS, get_many one
     pipelined GET, and every chunk is promoted into the CPU tier."""

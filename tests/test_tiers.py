@@ -245,11 +245,12 @@ def test_writer_queue_never_holds_more_copies_than_its_budget(sizes, budget):
     written, peak, lock = [], [0], threading.Lock()
     writer = None
 
-    def sink(k, layout, data):
-        with lock:
-            peak[0] = max(peak[0], writer.queued_bytes)
-        time.sleep(0.002)
-        written.append(k)
+    def sink(items):
+        for k, _, _ in items:
+            with lock:
+                peak[0] = max(peak[0], writer.queued_bytes)
+            time.sleep(0.002)
+            written.append(k)
 
     writer = AsyncWriter(sink, name="test", max_bytes=budget * unit, max_delay_s=10, idle=IdleSignal())
     for i, n in enumerate(sizes):

@@ -74,7 +74,7 @@ class DiskTier:
         self._lock_fd = claim_directory(path)
         self._rebuild_index()
         self.writer = AsyncWriter(
-            self._write,
+            self._write_all,
             name="disk",
             idle=idle,
             max_bytes=max_queue_bytes,
@@ -173,8 +173,13 @@ class DiskTier:
         os.close(self._lock_fd)
         return done
 
+    def _write_all(self, items: list[tuple[bytes, ChunkLayout, torch.Tensor]]) -> None:
+        """The writer's sink."""
+        for key, layout, data in items:
+            self._write(key, layout, data)
+
     def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
-        """The writer's sink: encode, make room, write atomically."""
+        """Encode one chunk, make room, write it atomically."""
         parts = encode(key, layout, data, self.codec, self.level)
         size = sum(len(memoryview(p).cast("B")) for p in parts)
         with self._lock:

@@ -56,6 +56,7 @@ TAG_BYTES = hashlib.sha256().digest_size
 BACKOFF_S, MAX_BACKOFF_S = 0.25, 5.0
 KNOWN_KEYS = 1 << 16  # keys remembered as present (a hint for contains/protect), LRU
 USAGE_REFRESH_S = 5.0
+WRITE_BATCH = 16  # chunks whose SETs share one pipeline
 _FAILURES = (redis.ConnectionError, redis.TimeoutError, ClusterError, OSError)
 
 
@@ -153,6 +154,7 @@ class RedisTier:
         self._route = _Routing(url, timeout_s, tls, self._errors)
         self.writer = AsyncWriter(
             self._write,
+            max_batch=WRITE_BATCH,
             name="redis",
             idle=idle,
             max_bytes=max_queue_bytes,
@@ -289,25 +291,29 @@ class RedisTier:
             value += hmac.new(self._hmac_key, value, hashlib.sha256).digest()
         return value
 
-    def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
-        """The writer's sink: encode, then SET (with PX = remote_ttl)."""
-        rkey = self._rkey(key)
-        server = self._route.server_of(rkey)
-        if server is None or not server.up:
-            self.metrics.inc("dropped_writes_total", reason="redis_down")
-            return
-        command: tuple = ("SET", rkey, self._value(key, layout, data))
-        if self.ttl_s is not None:
-            command += ("PX", max(1, round(self.ttl_s * 1000)))
-        replies = server.run([command])
-        if replies is None or isinstance(replies[0], Exception):
-            if replies is not None:
-                self._errors.warn("refused", "a SET was refused: %s", replies[0])
-            self.metrics.inc("dropped_writes_total", reason="redis_down" if replies is None else "redis_refused")
-            return
-        self._remember([key])
-        self.metrics.inc("stored_chunks_total", tier=self.name)
-        self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
+    def _write(self, items: list[tuple[bytes, ChunkLayout, torch.Tensor]]) -> None:
+        """The writer's sink: encode each chunk, then one pipeline of SETs (with PX =
+        remote_ttl) per server."""
+        rkeys = [self._rkey(key) for key, _, _ in items]
+        for server, idx in self._route.group(rkeys):
+            if server is None or not server.up:
+                self.metrics.inc("dropped_writes_total", len(idx), reason="redis_down")
+                continue
+            ttl = () if self.ttl_s is None else ("PX", max(1, round(self.ttl_s * 1000)))
+            replies = server.run([("SET", rkeys[i], self._value(*items[i]), *ttl) for i in idx])
+            for n, i in enumerate(idx):
+                reply = None if replies is None else replies[n]
+                if reply is None or isinstance(reply, Exception):
+                    if reply is not None:
+                        self._errors.warn("refused", "a SET was refused: %s", reply)
+                    self.metrics.inc(
+                        "dropped_writes_total", reason="redis_down" if replies is None else "redis_refused"
+                    )
+                    continue
+                key, layout, _ = items[i]
+                self._remember([key])
+                self.metrics.inc("stored_chunks_total", tier=self.name)
+                self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
 
     def flush(self, timeout: float | None = None) -> bool:
         return self.writer.flush(timeout)

@@ -27,7 +27,7 @@ from .base import Payload
 log = logging.getLogger("lmcache_sgl")
 IDLE_SETTLE_S = 0.2  # the server must stay idle this long: a gap between two requests is not idleness
 WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
-Sink = Callable[[bytes, ChunkLayout, torch.Tensor], None]
+Sink = Callable[[list[tuple[bytes, ChunkLayout, torch.Tensor]]], None]
 
 
 class IdleSignal(threading.Event):
@@ -53,11 +53,12 @@ class AsyncWriter:
         idle: IdleSignal | None = None,
         on_drop: Callable[[str], None] = lambda reason: None,
         workers: int = 1,
+        max_batch: int = 1,
     ) -> None:
-        """sink(key, layout, tensor) writes one chunk (it counts its own failures; an
-        exception from it is logged and counted as a drop). on_drop(reason) is told of
-        every chunk given up."""
-        self.sink, self.name, self.idle = sink, name, idle
+        """sink([(key, layout, tensor), ...]) writes up to `max_batch` chunks whose turn has
+        come, oldest first (it counts its own failures; an exception from it is logged and
+        each chunk counted as a drop). on_drop(reason) is told of every chunk given up."""
+        self.sink, self.name, self.idle, self.max_batch = sink, name, idle, max_batch
         self.max_bytes, self.max_delay_s, self.on_drop = max_bytes, max_delay_s, on_drop
         self._items: deque[_Item] = deque()
         self._pending: set[bytes] = set()  # queued or being written
@@ -146,24 +147,26 @@ class AsyncWriter:
         except OSError:
             pass
         while True:
-            item = self._next()
-            if item is None:
+            batch = self._next()
+            if not batch:
                 return
             dropped = None
             try:
-                self.sink(item.key, item.layout, item.payload.tensor)
-            except Exception:  # a bug must not kill the writer: log it, drop the chunk
+                self.sink([(item.key, item.layout, item.payload.tensor) for item in batch])
+            except Exception:  # a bug must not kill the writer: log it, drop the chunks
                 dropped = "error"
                 log.exception("lmcache-sgl %s writer: a write failed", self.name)
-            self._finish(item, dropped)
+            for item in batch:
+                self._finish(item, dropped)
 
-    def _next(self) -> _Item | None:
-        """The oldest item, once it is its turn; None when stopping. An idle period must
-        last IDLE_SETTLE_S before the first write; while it lasts, writes follow at once."""
+    def _next(self) -> list[_Item]:
+        """The oldest items (at most max_batch), once it is their turn; [] when stopping.
+        An idle period must last IDLE_SETTLE_S before the first write; while it lasts,
+        writes follow at once."""
         with self._cond:
             while True:
                 if self._stopping:
-                    return None
+                    return []
                 if not self._items:
                     self._cond.wait()
                     continue
@@ -175,7 +178,7 @@ class AsyncWriter:
                 settled = self._idle_since is not None and now - self._idle_since >= IDLE_SETTLE_S
                 overdue = now - self._items[0].queued_at >= self.max_delay_s
                 if self.idle is None or self._urgent or overdue or settled:
-                    return self._items.popleft()
+                    return [self._items.popleft() for _ in range(min(self.max_batch, len(self._items)))]
                 self._cond.wait(0.05)
 
     def _finish(self, item: _Item, dropped: str | None) -> None:
