@@ -44,6 +44,9 @@ SERIES: dict[str, Series] = {
     "dropped_writes_total": Series("counter", "reason", "Stores given up, by reason"),
     "failed_loads_total": Series("counter", "reason", "Loads that failed (the request is recomputed), by reason"),
     "corrupt_frames_total": Series("counter", "tier", "Stored chunks that failed verification and were dropped"),
+    "adapter_failures_total": Series(
+        "counter", "reason", "Failures caught at the SGLang boundary (served without the tiers), by where"
+    ),
     "load_seconds": Series("histogram", None, "Duration of one load into the KV pool"),
     "store_seconds": Series("histogram", None, "Duration of one store from the KV pool"),
     "usage_bytes": Series("gauge", "tier", "Bytes a tier holds"),

@@ -253,12 +253,12 @@ FAULTS = [
     ("engine", "chunks", {"lookup", "store"}, 0),
     ("engine", "hit_length", {"lookup"}, 0),
     ("engine", "protect", {"lookup"}, 0),
-    ("engine", "load", {"load attempt", "load"}, 0),
+    ("engine", "load", {"load_attempt", "load"}, 0),
     ("stack", "get_many", {"load"}, 0),
     ("stack", "scatter", {"load"}, 0),
     ("engine", "store", {"store", "spill"}, 99),
     ("engine", "unprotect", {"unprotect"}, 99),
-    ("allocator", "alloc", {"load attempt", "load"}, 0),
+    ("allocator", "alloc", {"load_attempt", "load"}, 0),
 ]
 
 

@@ -16,8 +16,8 @@ takes its prefix from that row, so the tiers are never offered for it.
 
 Failures: nothing raised in these paths (by the engine or here) reaches the scheduler.
 A lookup that fails is a miss, a load that fails frees its slots and is a recompute, a
-store or spill that fails is skipped; each is counted in `failures` and logged at most
-once a minute per kind.
+store or spill that fails is skipped; each is counted in the engine's metrics
+(`adapter_failures_total{reason}`) and logged at most once a minute per kind.
 
 Tensor parallelism: the TP ranks of one scheduler run these calls identically (SGLang
 broadcasts the requests and schedules them the same way on every rank: the same
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,26 +92,30 @@ class LMCacheRadixCache(UnifiedRadixCache):
         self.engine = engine
         self.tp = tp if tp is not None else TPGroup(params.tp_cache_group)
         self._pending: dict[str, _PendingLoad] = {}  # by request id
-        self.failures: Counter[str] = Counter()  # by kind: lookup, load, store, spill, ...
         self._errors = RateLimitedLog(log, "lmcache-sgl")
         super().__init__(params)  # calls reset()
 
     @property
+    def failures(self) -> dict[str, float]:
+        """Failures so far by kind (lookup, load, store, spill, ...)."""
+        return self.engine.metrics.snapshot()["adapter_failures_total"]
+
+    @property
     def failed_loads(self) -> int:
         """Promised loads that were declined (the request recomputed those tokens)."""
-        return self.failures["load"]
+        return int(self.failures.get("load", 0))
 
     def _failed(self, kind: str, error) -> None:
-        """Count a failure of this kind; log it (at most one line a minute per kind)."""
-        self.failures[kind] += 1
-        self._errors.warn(kind, "%s failed (%d so far): %r", kind, self.failures[kind], error)
+        """Count a failure of this kind (snake_case); log it (at most one line a minute per kind)."""
+        self.engine.metrics.inc("adapter_failures_total", reason=kind)
+        self._errors.warn(kind, "%s failed: %r", kind.replace("_", " "), error)
 
     def _agree(self, value: int, kind: str) -> int:
         """MIN of `value` over the TP ranks; 0 (no hit, no load) if the exchange fails."""
         try:
             return self.tp.min(value)
         except Exception as e:
-            self._failed(f"TP agreement on {kind}", e)
+            self._failed(f"tp_agreement_on_{kind}", e)
             return 0
 
     def _busy(self) -> None:
@@ -120,7 +123,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         try:
             self.engine.idle.clear()
         except Exception as e:
-            self._failed("idle signal", e)
+            self._failed("idle_signal", e)
 
     # ---- lookup ------------------------------------------------------------------
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -163,7 +166,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
                 pending = self._protect(chunks, device_len, hit, len(key))
         except Exception as e:
             self._failed("lookup", e)
-        agreed = self._agree(device_len if pending is None else pending.hit_len, "the hit length")
+        agreed = self._agree(device_len if pending is None else pending.hit_len, "hit_length")
         if pending is not None and agreed <= device_len:
             self._unprotect(pending)
             return None
@@ -210,7 +213,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
             return 0, params.best_match_node
         started = time.perf_counter()
         slots, loaded = self._load(pending, count)
-        loaded = self._agree(int(loaded), "a load") == 1  # every rank loaded, or none uses its load
+        loaded = self._agree(int(loaded), "load") == 1  # every rank loaded, or none uses its load
         self._unprotect(pending)
         if not loaded:
             self._free(slots)
@@ -236,7 +239,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
             slots = allocator.alloc(count)
             return slots, slots is not None and bool(self.engine.load(pending.chunks, pending.device_len, slots))
         except Exception as e:
-            self._failed("load attempt", e)
+            self._failed("load_attempt", e)
             return slots, False
 
     def _free(self, slots: torch.Tensor | None) -> None:
@@ -245,7 +248,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         try:
             self.token_to_kv_pool_allocator.free(slots)
         except Exception as e:
-            self._failed("freeing load slots", e)
+            self._failed("free_slots", e)
 
     def load_back_is_cache_owned(self) -> bool:
         return False  # loaded slots belong to the request until checkpoint inserts them
@@ -288,13 +291,13 @@ class LMCacheRadixCache(UnifiedRadixCache):
                 chunks = self.engine.chunks(seed, np.asarray(req.full_untruncated_fill_ids[:up_to], dtype=np.int64))
                 end = min(self.engine.hit_length(chunks, known=begin), limit)
         except Exception as e:
-            self._failed("stored tail lookup", e)
-        end = self._agree(end, "the stored tail")
+            self._failed("stored_tail_lookup", e)
+        end = self._agree(end, "stored_tail")
         if end <= begin:
             return
         slots = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, begin:end].to(torch.int64)
         if not self.engine.load(chunks, begin, slots):
-            self._failed("stored tail load", f"tokens {begin}..{end} of request {req.rid} stay recomputed")
+            self._failed("stored_tail_load", f"tokens {begin}..{end} of request {req.rid} stay recomputed")
 
     def _store_request(self, req: Req, up_to: int) -> None:
         """Once the prompt is computed, store its trailing partial chunk (so a revisit of
