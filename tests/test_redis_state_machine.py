@@ -12,23 +12,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from redis_servers import REDIS_SERVER, RedisServer
+from test_tier_state_machine import LAYOUT, key, payload
 
-from lmcache_sgl.codec import ChunkLayout
 from lmcache_sgl.storage import CpuTier, TierStack
 from lmcache_sgl.storage.redis import RedisTier
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
-LAYOUT = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 16))
-NUM_KEYS = 4
-
-
-def key(i: int) -> bytes:
-    return bytes([i]) * 16
-
-
-def payload(i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(i)
-    return torch.randn(LAYOUT.shape, generator=g).to(torch.bfloat16).reshape(-1).view(torch.uint8).clone()
+NUM_KEYS = 4  # fewer than the disk walk: a value overwritten in Redis is read back sooner
 
 
 class RedisStackMachine(RuleBasedStateMachine):
