@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import redis  # noqa: E402
 import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from lmcache_sgl.cli import default_model_dir  # noqa: E402
 from lmcache_sgl.models import make_model  # noqa: E402
@@ -141,10 +142,15 @@ def main() -> None:
     phases: dict[str, list[float]] = {}
     cached: dict[str, list[int]] = {}
 
+    # A progress bar of requests on a terminal; quiet with --json.
+    progress = tqdm(desc="ttft requests", unit="req", disable=opts.json or not sys.stderr.isatty())
+
     def record(phase: str, server: SGLangServer, p: list[int]) -> None:
         seconds, hit = ttft(server, p)
         phases.setdefault(phase, []).append(seconds)
         cached.setdefault(phase, []).append(hit)
+        progress.set_postfix_str(phase)
+        progress.update()
 
     def evict(phase: str, server: SGLangServer, k: int) -> None:
         for p in evict_sets[k]:
@@ -206,6 +212,7 @@ def main() -> None:
                 record("stock_backend_device_hit", stock, a)
         stock.stop()
     finally:
+        progress.close()
         for server in STARTED:
             server.stop()
         if redis_server is not None:
