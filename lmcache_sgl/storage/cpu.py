@@ -92,7 +92,7 @@ class CpuTier:
         return self.used_bytes, self.capacity_bytes
 
     def describe(self) -> str:
-        return f"cpu {self.capacity_bytes / 1e9:.2f} GB"
+        return f"cpu {self.capacity_bytes / 2**30:.2f} GB"  # GB as in the config: 2**30 bytes
 
     def close(self, timeout: float | None = None) -> bool:
         return True  # nothing runs in the background once the arena is populated

@@ -124,7 +124,7 @@ class DiskTier:
         return self._used, self.capacity_bytes
 
     def describe(self) -> str:
-        return f"disk {self.path} {self.capacity_bytes / 1e9:.2f} GB ({len(self._index)} chunks found)"
+        return f"disk {self.path} {self.capacity_bytes / 2**30:.2f} GB ({len(self._index)} chunks found)"
 
     def _evict_one(self) -> int | None:
         """Evict the least recently used unprotected file; the bytes freed, None if there
