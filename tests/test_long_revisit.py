@@ -6,19 +6,18 @@ checkpoint points the recomputed last prompt token at the tree's KV, here the st
 replaces the recomputed one. SGLang's real tree, pool, allocator and Req lifecycle
 (chunked prefill checkpoints, decode, release)."""
 
-from array import array
 
 import pytest
 import torch
-from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InitLoadBackParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import checkpoint_kv_cache, release_kv_cache
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.runtime_context import get_context
-from sglang.srt.sampling.sampling_params import SamplingParams
+from test_radix_cache import admit as admit_request
 
 from lmcache_sgl.config import LMCacheConfig
 from lmcache_sgl.engine import CacheEngine
@@ -56,14 +55,7 @@ def kv_of(cache, slots):
 
 def admit(cache, tokens, rid):
     """Match and load back as SGLang's scheduler does; (req, its prefix's KV)."""
-    req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", tokens),
-              sampling_params=SamplingParams(max_new_tokens=NEW_TOKENS))
-    req.init_next_round_input(cache)
-    if req.host_hit_length > 0:
-        params = InitLoadBackParams(best_match_node=req.best_match_node, host_hit_length=req.host_hit_length, req=req)
-        loaded, req.last_node = cache.init_load_back(params)
-        req.prefix_len += loaded
-    req.lock = cache.lock(req.last_node)
+    req = admit_request(cache, tokens, rid, max_new_tokens=NEW_TOKENS)
     return req, kv_of(cache, cache.prefix_device_indices(req).to(torch.int64))
 
 

@@ -92,12 +92,10 @@ def sglang_config():
         yield
 
 
-def serve(cache, tokens, rid, session=None):
-    """A real Req through what SGLang's scheduler does with it: match, load back, lock,
-    row allocation (handed to its streaming session, if any), checkpoint, finish, release.
-    Returns how many of its tokens came from the cache."""
+def admit(cache, tokens, rid, *, max_new_tokens=1, session=None) -> Req:
+    """A real Req matched, loaded back and locked as SGLang's scheduler admits it."""
     req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", tokens),
-              sampling_params=SamplingParams(max_new_tokens=1))
+              sampling_params=SamplingParams(max_new_tokens=max_new_tokens))
     req.session = session
     req.init_next_round_input(cache)
     if req.host_hit_length > 0:
@@ -105,6 +103,14 @@ def serve(cache, tokens, rid, session=None):
         loaded, req.last_node = cache.init_load_back(params)
         req.prefix_len += loaded
     req.lock = cache.lock(req.last_node)
+    return req
+
+
+def serve(cache, tokens, rid, session=None):
+    """A real Req through what SGLang's scheduler does with it: admission, row allocation
+    (handed to its streaming session, if any), checkpoint, finish, release. Returns how
+    many of its tokens came from the cache."""
+    req = admit(cache, tokens, rid, session=session)
     reused = req.prefix_len
     prefix = cache.prefix_device_indices(req).to(torch.int64)
     cache.req_to_token_pool.alloc([req])
