@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,8 +153,11 @@ class CacheEngine:
         tiers = self.stack.lookup_tiers([c.key for c in chunks[first:]])
         if record and first < len(chunks):
             self.metrics.inc("lookup_requested_tokens_total", chunks[-1].end - known)
+            hits: Counter[str] = Counter()  # one increment per tier, not per chunk (this is the match path)
             for c, tier in zip(chunks[first:], tiers, strict=False):  # tiers: the leading hits only
-                self.metrics.inc("lookup_hit_tokens_total", c.end - max(c.start, known), tier=tier)
+                hits[tier] += c.end - max(c.start, known)
+            for tier, tokens in hits.items():
+                self.metrics.inc("lookup_hit_tokens_total", tokens, tier=tier)
         return chunks[first + len(tiers) - 1].end if tiers else known
 
     def protect(self, chunks: Sequence[Chunk]) -> Protection | None:
@@ -217,8 +220,11 @@ class CacheEngine:
             for c, got in zip(wanted, hits, strict=False):  # hits is empty if get_many raised
                 if got is not None:
                     self.stack.release(c.key)
+        tokens: Counter[str] = Counter()
         for c, hit in zip(wanted, loaded, strict=True):
-            self.metrics.inc("loaded_tokens_total", min(c.end, end) - max(c.start, begin), tier=hit.tier)
+            tokens[hit.tier] += min(c.end, end) - max(c.start, begin)
+        for tier, count in tokens.items():
+            self.metrics.inc("loaded_tokens_total", count, tier=tier)
         self.metrics.observe("load_seconds", time.perf_counter() - started)
         return True
 
