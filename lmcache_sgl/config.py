@@ -13,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
@@ -23,6 +23,7 @@ MAX_GB = 2**20  # 1 PiB: beyond any host's memory or local disk; its bytes (2**5
 MAX_CHUNK_TOKENS = 2**24  # beyond any model's context length
 MAX_SECONDS = threading.TIMEOUT_MAX  # the longest timeout threading's waits accept (more raises OverflowError)
 REMOTE_SCHEMES = ("redis", "rediss", "unix", "redis-cluster", "rediss-cluster")
+BLEND_STRATEGIES = ("reuse", "cacheblend", "boundary")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,14 @@ class LMCacheConfig:
     remote_tls_ca_file: str | None = None  # rediss: PEM CA bundle to verify the server
     remote_tls_cert_file: str | None = None  # rediss: PEM client certificate
     remote_tls_key_file: str | None = None  # rediss: PEM key of the client certificate
+    enable_blending: bool = False  # reuse the KV of repeated segments anywhere in a prompt (approximate)
+    blend_strategy: str = "cacheblend"  # reuse, cacheblend or boundary (see README)
+    blend_recompute_ratios: float = 0.15  # cacheblend: fraction of reused tokens recomputed after the check layers
+    blend_check_layers: tuple[int, ...] = (1,)  # cacheblend: layers whose KV deviation picks the tokens to recompute
+    blend_boundary_tokens: int = 16  # boundary: leading tokens of each reused segment recomputed
+    blend_special_str: str | None = " # # "  # segment separator; None or "": find stored spans by rolling hash
+    blend_min_tokens: int = 16  # segments shorter than this are neither stored nor reused
+    blend_segment_share: float = 0.5  # with blending: fraction of the CPU tier kept for segments
 
     @property
     def disk_path(self) -> str | None:
@@ -123,6 +132,7 @@ class LMCacheConfig:
         if self.save_decode_cache and not self.save_on_checkpoint:
             _bad("save_decode_cache", True, "has no effect unless 'save_on_checkpoint' is true")
         self._check_remote()
+        self._check_blending()
         if chunk_bytes is not None and self.local_cpu and self.cpu_bytes < chunk_bytes:
             # chunk_bytes / GB is exact in a float and in 30 decimals, so the stated minimum is accepted
             smallest = f"{chunk_bytes / GB:.30f}".rstrip("0").rstrip(".")
@@ -173,6 +183,25 @@ class LMCacheConfig:
             _bad("remote_tls_key_file", self.remote_tls_key_file, "and 'remote_tls_cert_file' must be set together")
 
 
+    def _check_blending(self) -> None:
+        if self.blend_strategy not in BLEND_STRATEGIES:
+            _bad("blend_strategy", self.blend_strategy, f"must be one of {', '.join(BLEND_STRATEGIES)}")
+        if not 0 <= self.blend_recompute_ratios <= 1:
+            _bad("blend_recompute_ratios", self.blend_recompute_ratios, "must be in 0..1")
+        if not self.blend_check_layers or any(layer < 0 for layer in self.blend_check_layers):
+            _bad("blend_check_layers", list(self.blend_check_layers), "must be a non-empty list of layers >= 0")
+        for key, low in (("blend_boundary_tokens", 0), ("blend_min_tokens", 1)):
+            if not low <= getattr(self, key) <= MAX_CHUNK_TOKENS:
+                _bad(key, getattr(self, key), f"must be in {low}..{MAX_CHUNK_TOKENS}")
+        if not 0 < self.blend_segment_share < 1:
+            _bad("blend_segment_share", self.blend_segment_share, "must be > 0 and < 1")
+
+    @property
+    def blend_separator(self) -> str | None:
+        """The segment separator, or None: segments are found by rolling hash."""
+        return self.blend_special_str or None
+
+
 def _check_remote_url(url: str) -> None:
     """Refuse a remote_url that names no server; the message never shows a password."""
     parts = urlsplit(url)
@@ -193,7 +222,7 @@ def _check_remote_url(url: str) -> None:
         _bad("remote_url", shown, "lists several nodes: use redis-cluster://")
 
 
-def _bad(key: str, value: Any, why: str) -> None:
+def _bad(key: str, value: Any, why: str) -> NoReturn:
     try:
         shown = repr(value)
     except ValueError:  # an int of over 4300 digits
@@ -231,6 +260,10 @@ def _coerce(key: str, value: Any, from_env: bool) -> Any:
     kind = _FIELD_TYPES[key]
     if value is None and "None" in kind:
         return None
+    if kind.startswith("tuple[int"):
+        return _int_list(key, value, from_env)
+    if kind == "float" and isinstance(value, list) and len(value) == 1:
+        value = value[0]  # LMCache writes blend_recompute_ratios as a list of one ratio
     if from_env:
         if "bool" in kind:
             lowered = str(value).strip().lower()
@@ -258,6 +291,19 @@ def _coerce(key: str, value: Any, from_env: bool) -> Any:
         except OverflowError:
             _bad(key, value, "is too large")
     return value
+
+
+def _int_list(key: str, value: Any, from_env: bool) -> tuple[int, ...]:
+    """A list of integers: a YAML list, or "1,2" from the environment."""
+    items = str(value).replace(" ", "").split(",") if from_env else value
+    if isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    try:
+        if not isinstance(items, list) or any(isinstance(i, (bool, float)) for i in items):
+            raise ValueError
+        return tuple(int(i) for i in items)
+    except ValueError:
+        _bad(key, value, "must be a list of integers")
 
 
 def config_from_mapping(values: Mapping[str, Any], *, from_env: bool = False) -> dict[str, Any]:
