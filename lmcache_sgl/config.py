@@ -182,7 +182,6 @@ class LMCacheConfig:
         if (self.remote_tls_cert_file is None) != (self.remote_tls_key_file is None):
             _bad("remote_tls_key_file", self.remote_tls_key_file, "and 'remote_tls_cert_file' must be set together")
 
-
     def _check_blending(self) -> None:
         if self.blend_strategy not in BLEND_STRATEGIES:
             _bad("blend_strategy", self.blend_strategy, f"must be one of {', '.join(BLEND_STRATEGIES)}")
@@ -302,7 +301,7 @@ def _int_list(key: str, value: Any, from_env: bool) -> tuple[int, ...]:
         if not isinstance(items, list) or any(isinstance(i, (bool, float)) for i in items):
             raise ValueError
         return tuple(int(i) for i in items)
-    except ValueError:
+    except (ValueError, TypeError):
         _bad(key, value, "must be a list of integers")
 
 

@@ -31,8 +31,14 @@ def test_defaults_are_lmcache_units():
 def test_readme_table_lists_every_key_with_its_default():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme, re.MULTILINE))
-    shown = {f.name: str(f.default).lower() if f.default in (None, True, False) else str(f.default)
-             for f in dataclasses.fields(LMCacheConfig)}
+    def show(value):
+        if value in (None, True, False):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return str(list(value))
+        return f'"{value}"' if isinstance(value, str) and value != value.strip() else str(value)
+
+    shown = {f.name: show(f.default) for f in dataclasses.fields(LMCacheConfig)}
     assert rows == shown
 
 
