@@ -89,3 +89,9 @@ def chunk_spans(num_tokens: int, chunk_size: int, *, partial: bool = False) -> I
     end = num_tokens if partial else num_tokens - num_tokens % chunk_size
     for start in range(0, end, chunk_size):
         yield start, min(start + chunk_size, end)
+
+
+def segment_key(seed: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Content-only key of a segment piece: the namespace and the token ids, never the
+    position (a domain tag keeps it apart from every prefix-chained key)."""
+    return _digest(b"segment", seed, _token_bytes(tokens))
