@@ -1,4 +1,4 @@
-// CPU KV-layout kernels (see lmcsgl.h for the contracts).
+// CPU KV-layout kernels and RoPE re-rotation (see lmcsgl.h for the contracts).
 #include "lmcsgl.h"
 
 #include <algorithm>
@@ -265,6 +265,90 @@ int shuffle_impl(const void* src, void* dst, int64_t nbytes, int64_t elem_size) 
   return LMCSGL_OK;
 }
 
+// RoPE element types: load() widens to fp32 exactly, store() rounds to nearest even.
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// v >> s (1 <= s <= 31) rounded to nearest, ties to even.
+inline uint32_t shift_rne(uint32_t v, uint32_t s) {
+  const uint32_t q = v >> s, r = v & ((1u << s) - 1), half = 1u << (s - 1);
+  return q + (r > half || (r == half && (q & 1)));
+}
+
+struct Fp32 {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float f) { return f; }
+};
+
+struct Bf16 {
+  using T = uint16_t;
+  static float load(T v) { return bits_f32(uint32_t(v) << 16); }
+  static T store(float f) {
+    const uint32_t u = f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return T((u >> 16) | 0x40);  // NaN: quieted, sign kept
+    return T(shift_rne(u, 16));  // a carry out of the top exponent gives infinity, as it should
+  }
+};
+
+struct Fp16 {
+  using T = uint16_t;
+  static float load(T h) {
+    const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (mant << 13));  // infinity, NaN
+    if (exp != 0) return bits_f32(sign | ((exp + 112) << 23) | (mant << 13));
+    const float mag = float(mant) * 0x1p-24f;  // zero or subnormal: exact
+    return sign ? -mag : mag;
+  }
+  static T store(float f) {
+    const uint32_t u = f32_bits(f), a = u & 0x7fffffffu;
+    const T sign = T((u >> 16) & 0x8000);
+    if (a > 0x7f800000u) return T(sign | 0x7e00 | ((a >> 13) & 0x3ff));  // NaN: quieted
+    if (a >= 0x477ff000u) return T(sign | 0x7c00);  // |f| >= 65520 rounds to infinity
+    if (a >= 0x38800000u) return T(sign | shift_rne(a - 0x38000000u, 13));  // normal: rebias
+    const uint32_t e = a >> 23;  // a subnormal half: the significand over 2^-24, rounded
+    if (e < 102) return sign;    // |f| < 2^-25
+    return T(sign | shift_rne((a & 0x7fffffu) | 0x800000u, 126 - e));
+  }
+};
+
+// Rows [lo, hi). Every product, sum and difference is rounded on its own: this file is
+// compiled with -ffp-contract=off (CMakeLists.txt), so no FMA joins them.
+template <class E, bool kNeox>
+void rope_rows(typename E::T* x, int64_t head_dim, int64_t half, const float* c, const float* s,
+               int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    typename E::T* v = x + r * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      typename E::T& ea = v[kNeox ? i : 2 * i];
+      typename E::T& eb = v[kNeox ? i + half : 2 * i + 1];
+      const float a = E::load(ea), b = E::load(eb);
+      ea = E::store(a * c[i] - b * s[i]);
+      eb = E::store(b * c[i] + a * s[i]);
+    }
+  }
+}
+
+template <class E>
+void rope_impl(void* x, int64_t rows, int64_t head_dim, int64_t rotary_dim, const float* c,
+               const float* s, bool neox, int64_t bytes) {
+  auto* t = static_cast<typename E::T*>(x);
+  const int64_t half = rotary_dim / 2;
+  parallel_for(rows, plan_threads(rows, bytes), [&](int64_t lo, int64_t hi) {
+    if (neox) rope_rows<E, true>(t, head_dim, half, c, s, lo, hi);
+    else rope_rows<E, false>(t, head_dim, half, c, s, lo, hi);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -355,6 +439,25 @@ LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, 
 LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
                                       int64_t elem_size) {
   return shuffle_impl<true>(src, dst, nbytes, elem_size);
+}
+
+LMCSGL_API int lmcsgl_rope_rotate(void* x, int64_t dtype, int64_t rows, int64_t head_dim,
+                                  int64_t rotary_dim, const float* cos, const float* sin,
+                                  int64_t neox) {
+  const int64_t esize = dtype == LMCSGL_DTYPE_FP32 ? 4
+                        : dtype == LMCSGL_DTYPE_FP16 || dtype == LMCSGL_DTYPE_BF16 ? 2
+                                                                                   : 0;
+  int64_t elems = 0, bytes = 0;
+  if (esize == 0 || rows < 0 || head_dim < 0 || rotary_dim < 0 || rotary_dim % 2 != 0 ||
+      rotary_dim > head_dim || __builtin_mul_overflow(rows, head_dim, &elems) ||
+      __builtin_mul_overflow(elems, esize, &bytes))
+    return LMCSGL_ERR_INVALID;
+  if (rows == 0 || rotary_dim == 0) return LMCSGL_OK;
+  if (x == nullptr || cos == nullptr || sin == nullptr) return LMCSGL_ERR_INVALID;
+  if (dtype == LMCSGL_DTYPE_FP32) rope_impl<Fp32>(x, rows, head_dim, rotary_dim, cos, sin, neox, bytes);
+  else if (dtype == LMCSGL_DTYPE_FP16) rope_impl<Fp16>(x, rows, head_dim, rotary_dim, cos, sin, neox, bytes);
+  else rope_impl<Bf16>(x, rows, head_dim, rotary_dim, cos, sin, neox, bytes);
+  return LMCSGL_OK;
 }
 
 }  // extern "C"

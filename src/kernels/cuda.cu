@@ -1,7 +1,9 @@
-// CUDA KV-layout kernels (see lmcsgl.h for the contracts). Every call only enqueues work on
-// the given stream and returns the launch status as a cudaError_t.
+// CUDA KV-layout kernels and RoPE re-rotation (see lmcsgl.h for the contracts). Every call
+// only enqueues work on the given stream and returns the launch status as a cudaError_t.
 #include "lmcsgl.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -79,6 +81,34 @@ __global__ void unshuffle2_kernel(const unsigned char* __restrict__ src, unsigne
   }
 }
 
+// RoPE element types: widened to fp32 exactly, rounded back to nearest even.
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float f);
+template <>
+__device__ __forceinline__ float from_f32<float>(float f) { return f; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float f) { return __float2half_rn(f); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+
+// One thread per (row, pair); the _rn intrinsics round each operation on its own (no FMA).
+template <typename T, bool kNeox>
+__global__ void rope_kernel(T* __restrict__ x, int64_t head_dim, int64_t half,
+                            const float* __restrict__ c, const float* __restrict__ s, int64_t pairs) {
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < pairs;
+       p += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = p / half, i = p - r * half;
+    T* v = x + r * head_dim;
+    const int64_t ia = kNeox ? i : 2 * i, ib = kNeox ? i + half : 2 * i + 1;
+    const float a = to_f32(v[ia]), b = to_f32(v[ib]);
+    v[ia] = from_f32<T>(__fsub_rn(__fmul_rn(a, c[i]), __fmul_rn(b, s[i])));
+    v[ib] = from_f32<T>(__fadd_rn(__fmul_rn(b, c[i]), __fmul_rn(a, s[i])));
+  }
+}
+
 unsigned grid_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned>(std::min<int64_t>((work + per_block - 1) / per_block, kMaxBlocks));
 }
@@ -121,6 +151,15 @@ int shuffle_launch(const void* src, void* dst, int64_t nbytes, int64_t elem_size
   return cudaGetLastError();
 }
 
+template <typename T>
+void rope_launch(void* x, int64_t rows, int64_t head_dim, int64_t half, const float* c,
+                 const float* s, bool neox, cudaStream_t stream) {
+  const int64_t pairs = rows * half;
+  auto* t = static_cast<T*>(x);
+  if (neox) rope_kernel<T, true><<<grid_for(pairs, kThreads), kThreads, 0, stream>>>(t, head_dim, half, c, s, pairs);
+  else rope_kernel<T, false><<<grid_for(pairs, kThreads), kThreads, 0, stream>>>(t, head_dim, half, c, s, pairs);
+}
+
 }  // namespace
 
 extern "C" {
@@ -145,6 +184,24 @@ LMCSGL_API int lmcsgl_cuda_shuffle_bytes(const void* src, void* dst, int64_t nby
 LMCSGL_API int lmcsgl_cuda_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
                                            int64_t elem_size, void* stream) {
   return shuffle_launch<true>(src, dst, nbytes, elem_size, stream);
+}
+
+LMCSGL_API int lmcsgl_cuda_rope_rotate(void* x, int64_t dtype, int64_t rows, int64_t head_dim,
+                                       int64_t rotary_dim, const float* cos, const float* sin,
+                                       int64_t neox, void* stream) {
+  const bool known = dtype == LMCSGL_DTYPE_FP32 || dtype == LMCSGL_DTYPE_FP16 || dtype == LMCSGL_DTYPE_BF16;
+  int64_t elems = 0;
+  if (!known || rows < 0 || head_dim < 0 || rotary_dim < 0 || rotary_dim % 2 != 0 ||
+      rotary_dim > head_dim || __builtin_mul_overflow(rows, head_dim, &elems))
+    return cudaErrorInvalidValue;
+  if (rows == 0 || rotary_dim == 0) return cudaSuccess;
+  if (x == nullptr || cos == nullptr || sin == nullptr) return cudaErrorInvalidValue;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const int64_t half = rotary_dim / 2;
+  if (dtype == LMCSGL_DTYPE_FP32) rope_launch<float>(x, rows, head_dim, half, cos, sin, neox, s);
+  else if (dtype == LMCSGL_DTYPE_FP16) rope_launch<__half>(x, rows, head_dim, half, cos, sin, neox, s);
+  else rope_launch<__nv_bfloat16>(x, rows, head_dim, half, cos, sin, neox, s);
+  return cudaGetLastError();
 }
 
 LMCSGL_API int lmcsgl_cuda_check(void) {

@@ -23,6 +23,11 @@
 #define LMCSGL_ERR_INVALID 1  // bad argument (negative size, nbytes % elem_size != 0, ...)
 #define LMCSGL_ERR_NOMEM 2    // host allocation failed
 
+// Element types of lmcsgl_rope_rotate.
+#define LMCSGL_DTYPE_FP32 0
+#define LMCSGL_DTYPE_FP16 1
+#define LMCSGL_DTYPE_BF16 2
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -53,6 +58,19 @@ LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, 
 // Inverse: dst[i * elem_size + j] = src[j * n + i].
 LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
 
+// RoPE re-rotation in place: x is `rows` contiguous vectors of head_dim elements of `dtype`
+// (LMCSGL_DTYPE_*). In each, the first rotary_dim elements (even, <= head_dim) form
+// h = rotary_dim / 2 pairs (a, b) = (x[i], x[i + h]) when neox, else (x[2i], x[2i + 1]), and
+// pair i is rotated by the angle whose cosine and sine are cos[i] and sin[i] (fp32, h each):
+//   a' = a * cos - b * sin,  b' = b * cos + a * sin,
+// in fp32 with every product, sum and difference rounded on its own (no FMA), then rounded
+// to `dtype` to nearest even (a NaN stays a NaN; its payload may change). Elements past
+// rotary_dim are untouched. The same pair math as torch's fp32 ops, bit for bit.
+// LMCSGL_ERR_INVALID for an unknown dtype, a negative size, or an odd or too large rotary_dim.
+LMCSGL_API int lmcsgl_rope_rotate(void* x, int64_t dtype, int64_t rows, int64_t head_dim,
+                                  int64_t rotary_dim, const float* cos, const float* sin,
+                                  int64_t neox);
+
 // ---- CUDA (lmcache_sgl/_kernels_cuda.so) ----
 // Same semantics on device memory, enqueued on `stream` (a cudaStream_t; asynchronous).
 // `ptrs` is a DEVICE array of num_bufs int64 buffer addresses; slots is a device array.
@@ -68,6 +86,10 @@ LMCSGL_API int lmcsgl_cuda_shuffle_bytes(const void* src, void* dst, int64_t nby
                                          int64_t elem_size, void* stream);
 LMCSGL_API int lmcsgl_cuda_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
                                            int64_t elem_size, void* stream);
+// x, cos and sin are device arrays.
+LMCSGL_API int lmcsgl_cuda_rope_rotate(void* x, int64_t dtype, int64_t rows, int64_t head_dim,
+                                       int64_t rotary_dim, const float* cos, const float* sin,
+                                       int64_t neox, void* stream);
 // 0 when the kernels can run on the current device (driver new enough, code for its arch).
 LMCSGL_API int lmcsgl_cuda_check(void);
 LMCSGL_API const char* lmcsgl_cuda_error_string(int code);
