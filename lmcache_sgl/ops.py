@@ -1,11 +1,12 @@
-"""Row gather/scatter between SGLang's KV pool and a chunk buffer, and byte-plane shuffle.
+"""Row gather/scatter between SGLang's KV pool and a chunk buffer, byte-plane shuffle, and
+RoPE re-rotation of cached K.
 
 The compiled kernels (src/kernels/, a plain C ABI loaded with ctypes) run when built; a torch
 reference with identical output bits runs otherwise. Pool `buffers` are SGLang's per-layer
 buffers, each contiguous [S, ...] (MHA k/v [S, kv_heads, head_dim], MLA [S, 1, dim]), all of
 one dtype, shape and device; a row is one slot of one buffer. A chunk buffer is contiguous, of
-any dtype, and holds [B, N, row] bytes. Every op moves raw bytes, writes its output in place and
-returns None; on CUDA it is enqueued on the current stream.
+any dtype, and holds [B, N, row] bytes. Every op writes its output in place and returns None;
+on CUDA it is enqueued on the current stream. All but rerotate_() move raw bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
         ("scatter_rows", [_P, _I, _I, _P, _I, _P]),
         ("shuffle_bytes", [_P, _P, _I, _I]),
         ("unshuffle_bytes", [_P, _P, _I, _I]),
+        ("rope_rotate", [_P, _I, _I, _I, _I, _P, _P, _I]),
     ):
         f = getattr(lib, prefix + fn)
         f.argtypes, f.restype = args + extra, ctypes.c_int
@@ -308,3 +310,82 @@ def unshuffle_bytes(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> Non
     """Inverse of shuffle_bytes(): out[i * elem_size + j] = src[j * n + i]."""
     if not _shuffle("unshuffle_bytes", src, out, elem_size):
         reference_unshuffle_bytes(src, out, elem_size)
+
+
+# The LMCSGL_DTYPE_* codes of lmcsgl.h.
+_ROPE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def rope_angles(delta: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the angles delta * inv_freq, as fp32 CPU tensors shaped like inv_freq
+    ([rotary_dim / 2]): the rotation that moves RoPE-rotated K by delta positions (any sign).
+
+    The product and its cosine and sine are taken in float64 with Python's math (the C
+    library, not torch's CPU-dependent vector code), then rounded to fp32: a large |delta|
+    keeps its accuracy, and the result does not depend on inv_freq's device.
+    """
+    freqs = inv_freq.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    angles = [delta * f for f in freqs]
+    cos = torch.tensor([math.cos(a) for a in angles], dtype=torch.float64)
+    sin = torch.tensor([math.sin(a) for a in angles], dtype=torch.float64)
+    return cos.float().reshape(inv_freq.shape), sin.float().reshape(inv_freq.shape)
+
+
+def _check_rope(
+    k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates a rerotate_(); returns cos and sin on k's device."""
+    if k.dtype not in _ROPE_DTYPES or k.dim() < 1 or not k.is_contiguous():
+        raise ValueError(f"k must be a contiguous bf16, fp16 or fp32 tensor, got {k.dtype}{tuple(k.shape)}")
+    if rotary_dim < 2 or rotary_dim % 2 or rotary_dim > k.shape[-1]:
+        raise ValueError(f"rotary_dim must be even and in [2, head_dim {k.shape[-1]}], got {rotary_dim}")
+    for t in (cos, sin):
+        if t.dtype != torch.float32 or tuple(t.shape) != (rotary_dim // 2,):
+            raise ValueError(f"cos and sin must be fp32 [{rotary_dim // 2}], got {t.dtype}{tuple(t.shape)}")
+    return cos.to(k.device).contiguous(), sin.to(k.device).contiguous()
+
+
+def _rerotate_reference(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, neox: bool) -> None:
+    """Torch reference of rerotate_(): the same fp32 ops, one rounding each, so the same bits
+    (NaN payloads aside)."""
+    cos, sin = _check_rope(k, cos, sin, rotary_dim)
+    rot = k.view(-1, k.shape[-1])[:, :rotary_dim]
+    half = rotary_dim // 2
+    x1, x2 = (rot[:, :half], rot[:, half:]) if neox else (rot[:, 0::2], rot[:, 1::2])
+    a, b = x1.float(), x2.float()  # for fp32 k these alias x1 and x2: both outputs first
+    out1 = a * cos - b * sin
+    out2 = b * cos + a * sin
+    x1.copy_(out1)  # rounds to k's dtype to nearest even
+    x2.copy_(out2)
+
+
+def rerotate_(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, neox: bool) -> None:
+    """Rotates RoPE-rotated K in place by the angles whose cos and sin are given, e.g.
+    rope_angles(delta, inv_freq): K computed at positions p.. becomes K at p + delta...
+
+    k: contiguous bf16, fp16 or fp32, any leading dims, last dim head_dim, on the CPU or CUDA.
+    cos, sin: fp32 [rotary_dim / 2] on any device. rotary_dim: even, 2 <= rotary_dim <= head_dim;
+    the first rotary_dim elements of each head_dim vector are rotated, the rest are untouched.
+    neox: pairs (x[i], x[i + rotary_dim / 2]), else (x[2i], x[2i + 1]). The math is
+    lmcsgl_rope_rotate's (src/kernels/lmcsgl.h): fp32, every operation rounded on its own, the
+    result rounded to k's dtype to nearest even. Raises ValueError for arguments outside these.
+    """
+    cos, sin = _check_rope(k, cos, sin, rotary_dim)
+    lib = _lib(k)
+    if lib is None:
+        _rerotate_reference(k, cos, sin, rotary_dim, neox)
+        return
+    head_dim = k.shape[-1]
+    _call(
+        lib,
+        "rope_rotate",
+        k.device if k.is_cuda else None,
+        k.data_ptr(),
+        _ROPE_DTYPES[k.dtype],
+        k.numel() // head_dim,
+        head_dim,
+        rotary_dim,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        int(neox),
+    )
