@@ -2,14 +2,18 @@
 
 frame = header | block table | blocks | xxh3-128 digest of header and block table.
 
-The header names the chunk key, the layout (kind, dtype, shape), the codec and the
-sizes. The chunk is cut into blocks of about 1 MiB; the block table holds each stored
-block's size and xxh3-64 digest, so blocks are read, verified and decoded in parallel on
-every core, and the trailing digest covers the table. Codecs: raw (a block is the
+The header names the chunk key, the layout (kind, dtype, shape), the codec, the sizes
+and the position: the first token's position when the KV was computed (a
+position-independent segment is moved from there by its reader). The chunk is cut into
+blocks of about 1 MiB; the block table holds each stored block's size and xxh3-64
+digest, so blocks are read, verified and decoded in parallel on every core, and the
+trailing digest covers the table. Codecs: raw (a block is the
 chunk's bytes) and zstd (a block is byte-plane shuffled, then zstd-compressed on its
 own; encoding runs in the caller's thread, a background writer). Decoding checks
 everything and raises a FrameError subclass on any mismatch: callers treat that as a
-miss, never as data. Frames of version 1 (one digest over the whole frame) are refused.
+miss, never as data. Decoding returns the position (parse_header: a FrameHeader holding
+it). Frames of versions 1 (one digest over the whole frame) and 2 (no position) raise
+OldVersionFrame, a FrameError naming their version.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from . import ops
 from .keys import KEY_BYTES
 
 MAGIC = b"LMSG"
-VERSION = 2
+VERSION = 3
 CODECS = {"raw": 0, "zstd": 1}
 KINDS = {"bytes": 0, "mha": 1, "mla": 2}
 DTYPES = {
@@ -49,8 +53,10 @@ _KIND_NAMES = {code: name for name, code in KINDS.items()}
 _CODEC_NAMES = {code: name for name, code in CODECS.items()}
 MAX_DIMS = 6
 BLOCK_BYTES = 1 << 20
-# magic, version, codec, kind, dtype, ndim, key, shape[6], raw length, block size, blocks
-_HEADER = struct.Struct(f"<4sHBBBB{KEY_BYTES}s{MAX_DIMS}IQII")
+# magic, version, codec, kind, dtype, ndim, key, shape[6], raw length, block size, blocks,
+# position (version 2's header is this one without its trailing position)
+_HEADER = struct.Struct(f"<4sHBBBB{KEY_BYTES}s{MAX_DIMS}IQIIQ")
+_PREFIX = struct.Struct("<4sH")  # magic, version: read before the rest
 _ENTRY = struct.Struct("<QQ")  # a block's stored size and xxh3-64 digest
 _DIGEST_BYTES = 16
 HEADER_BYTES = _HEADER.size
@@ -61,6 +67,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 class FrameError(ValueError):
     """A frame that must not be used: the caller counts it as a miss."""
+
+
+class OldVersionFrame(FrameError):
+    """A frame of an earlier format version (written before an upgrade)."""
 
 
 class TruncatedFrame(FrameError):
@@ -158,15 +168,21 @@ def _scratch(name: str, nbytes: int) -> torch.Tensor:
     return buf
 
 
-def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "raw", level: int = 1) -> list:
-    """Frame of `data` (a contiguous CPU tensor of layout.nbytes bytes) as a list of buffers.
+def encode(
+    key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "raw", level: int = 1, *, position: int = 0
+) -> list:
+    """Frame of `data` (a contiguous CPU tensor of layout.nbytes bytes), whose first token
+    was at `position` (0 <= position < 2**64) when its KV was computed, as a list of buffers.
 
     The buffers, concatenated, are the frame; they alias `data` for the raw codec, so
     write them out before `data` changes.
     """
     raw = data.reshape(-1).view(torch.uint8)
-    if len(key) != KEY_BYTES or raw.numel() != layout.nbytes or codec not in CODECS:
-        raise ValueError(f"cannot encode {raw.numel()} bytes as {layout} with key of {len(key)} bytes, codec {codec}")
+    if len(key) != KEY_BYTES or raw.numel() != layout.nbytes or codec not in CODECS or not 0 <= position < 2**64:
+        raise ValueError(
+            f"cannot encode {raw.numel()} bytes as {layout} with key of {len(key)} bytes, codec {codec}, "
+            f"position {position}"
+        )
     elem = layout.itemsize
     block_bytes = BLOCK_BYTES - BLOCK_BYTES % elem
     pieces = raw.split(block_bytes) if raw.numel() else ()
@@ -188,6 +204,7 @@ def encode(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "ra
         raw.numel(),
         block_bytes,
         len(blocks),
+        position,
     )
     table = b"".join(_ENTRY.pack(len(block), xxhash.xxh3_64_intdigest(block)) for block in blocks)
     return [header, table, *blocks, xxhash.xxh3_128_digest(header + table)]
@@ -230,17 +247,22 @@ class FrameHeader:
     codec: str
     block_bytes: int
     nblocks: int
+    position: int  # the first token's position when the KV was computed
 
 
 def parse_header(buf) -> FrameHeader:
     """The header at the start of `buf` (at least HEADER_BYTES of a frame); raises
-    TruncatedFrame or MalformedFrame if it is cut, not a frame of this version, or names
-    no valid layout or blocks."""
+    OldVersionFrame for a frame of an earlier version, TruncatedFrame or MalformedFrame if
+    it is cut, not a frame of this version, or names no valid layout or blocks."""
     view = memoryview(buf).cast("B")
+    if len(view) >= _PREFIX.size:
+        magic, version = _PREFIX.unpack_from(view)
+        if magic == MAGIC and 1 <= version < VERSION:
+            raise OldVersionFrame(f"a version-{version} frame, written before an upgrade (this build reads {VERSION})")
     if len(view) < _HEADER.size:
         raise TruncatedFrame(f"frame of {len(view)} bytes is shorter than a header")
     magic, version, codec, kind, dtype, ndim, key, *rest = _HEADER.unpack_from(view)
-    shape, (raw_len, block_bytes, nblocks) = rest[:MAX_DIMS], rest[MAX_DIMS:]
+    shape, (raw_len, block_bytes, nblocks, position) = rest[:MAX_DIMS], rest[MAX_DIMS:]
     if magic != MAGIC or version != VERSION or codec not in _CODEC_NAMES:
         raise MalformedFrame(f"not a version-{VERSION} frame (magic {magic!r}, version {version}, codec {codec})")
     dtype_name = _DTYPE_NAMES[dtype] if dtype < len(_DTYPE_NAMES) else f"dtype code {dtype}"
@@ -252,19 +274,18 @@ def parse_header(buf) -> FrameHeader:
         raise MalformedFrame(f"header says {raw_len} bytes for {layout}")
     if block_bytes != BLOCK_BYTES - BLOCK_BYTES % layout.itemsize or nblocks != -(-raw_len // block_bytes):
         raise MalformedFrame(f"{nblocks} blocks of {block_bytes} bytes do not match {raw_len} bytes of {layout.dtype}")
-    return FrameHeader(key, layout, _CODEC_NAMES[codec], block_bytes, nblocks)
+    return FrameHeader(key, layout, _CODEC_NAMES[codec], block_bytes, nblocks, position)
 
 
-def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> tuple[int, int, int]:
-    """(codec, block bytes, number of blocks) of the header at the start of `view`, which
-    must hold `key` and `layout`."""
+def _parse_header(view: memoryview, key: bytes, layout: ChunkLayout) -> FrameHeader:
+    """The header at the start of `view`, which must hold `key` and `layout`."""
     header = parse_header(view)
     if header.key != key:
         raise KeyMismatch(f"frame holds key {header.key.hex()}, expected {key.hex()}")
     found = header.layout
     if (found.kind, found.dtype, found.shape) != (layout.kind, layout.dtype, tuple(layout.shape)):
         raise LayoutMismatch(f"frame holds {found}, expected {layout}")
-    return CODECS[header.codec], header.block_bytes, header.nblocks
+    return header
 
 
 def _parse_table(head: bytes, table: bytes, digest: bytes, codec: int, block_bytes: int, raw_len: int) -> _Frame:
@@ -292,16 +313,18 @@ def _check_block(block, expected: int) -> None:
         raise ChecksumMismatch("frame block checksum mismatch")
 
 
-def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> None:
+def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int:
     """Verify `frame` against `key` and `layout`, then write its chunk into `out`, its
     blocks verified and decoded on every core when `parallel`, else on this thread (for
-    callers that decode several frames at once, one per core).
+    callers that decode several frames at once, one per core); the chunk's position.
 
     `out` is a contiguous CPU tensor of layout.nbytes bytes. Raises a FrameError subclass
-    (and leaves `out` unspecified) if the frame is cut, corrupt, or for another chunk.
+    (and leaves `out` unspecified) if the frame is cut, corrupt, of an earlier version, or
+    for another chunk.
     """
     view = memoryview(frame).cast("B")
-    codec, block_bytes, nblocks = _parse_header(view, key, layout)
+    header = _parse_header(view, key, layout)
+    codec, block_bytes, nblocks = CODECS[header.codec], header.block_bytes, header.nblocks
     table_end = _HEADER.size + _ENTRY.size * nblocks
     if len(view) < table_end + _DIGEST_BYTES:
         raise TruncatedFrame(f"frame of {len(view)} bytes is cut inside its block table")
@@ -324,16 +347,19 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, pa
         _decode_block(codec, block, layout.itemsize, targets[i])
 
     _run(one, nblocks, parallel)
+    return header.position
 
 
 def read_into(
     fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True
-) -> None:
+) -> int:
     """decode_into for a frame in an open file: each block is read by the thread that
     verifies and decodes it (raw blocks straight into `out`, zstd blocks into a per-thread
-    buffer). Raises FrameError as decode_into does, OSError on a read error."""
+    buffer); the chunk's position. Raises FrameError as decode_into does, OSError on a
+    read error."""
     head = _pread_exact(fd, _HEADER.size, 0)
-    codec, block_bytes, nblocks = _parse_header(memoryview(head), key, layout)
+    header = _parse_header(memoryview(head), key, layout)
+    codec, block_bytes, nblocks = CODECS[header.codec], header.block_bytes, header.nblocks
     table_end = _HEADER.size + _ENTRY.size * nblocks
     if table_end + _DIGEST_BYTES > file_size:
         raise TruncatedFrame(f"frame of {file_size} bytes is cut inside its block table")
@@ -355,6 +381,7 @@ def read_into(
             _decompress_into(view, layout.itemsize, targets[i])
 
     _run(one, nblocks, parallel)
+    return header.position
 
 
 def _decode_block(codec: int, block: memoryview, elem: int, out: torch.Tensor) -> None:

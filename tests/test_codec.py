@@ -2,19 +2,24 @@ import os
 
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcache_sgl.codec import (
+    HEADER_BYTES,
     ChecksumMismatch,
     ChunkLayout,
     FrameError,
     KeyMismatch,
     LayoutMismatch,
+    MalformedFrame,
+    OldVersionFrame,
     TruncatedFrame,
     decode_into,
     encode,
     frame_bytes,
+    parse_header,
     read_into,
 )
 
@@ -34,6 +39,14 @@ def roundtrip(layout, data, codec, level=1):
     out = torch.empty(layout.nbytes, dtype=torch.uint8)
     decode_into(frame, KEY, layout, out)
     return frame, out
+
+
+def version_2_frame(key: bytes, layout: ChunkLayout, data: torch.Tensor, codec: str = "raw") -> bytes:
+    """The frame the version-2 codec wrote (checked byte for byte against it when version 3
+    came): version 3's header without its trailing position, the digest over that."""
+    header, table, *blocks, _ = encode(key, layout, data, codec)
+    old = header[:4] + (2).to_bytes(2, "little") + header[6:-8]
+    return b"".join([old, table, *blocks, xxhash.xxh3_128_digest(old + table)])
 
 
 layouts = st.builds(
@@ -143,9 +156,51 @@ def test_read_into_a_file_matches_decode_and_refuses_damage(tmp_path_factory, co
         read(bytes(frame[: cut % len(frame)]))
 
 
-def test_frames_of_another_version_are_refused():
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_frames_of_earlier_versions_are_refused_naming_the_version(tmp_path, codec):
     layout = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 8))
-    frame = bytearray(frame_bytes(encode(KEY, layout, torch.randn(layout.shape).to(torch.bfloat16), "zstd")))
+    data = torch.randn(layout.shape).to(torch.bfloat16)
+    out = torch.empty(layout.nbytes, dtype=torch.uint8)
+    old = version_2_frame(KEY, layout, data, codec)
+    with pytest.raises(OldVersionFrame, match="version-2 frame"):
+        decode_into(old, KEY, layout, out)
+    with pytest.raises(OldVersionFrame, match="version-2 frame"):
+        parse_header(old[:HEADER_BYTES])
+    path = tmp_path / "old.lmsg"
+    path.write_bytes(old)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OldVersionFrame, match="version-2 frame"):
+            read_into(fd, len(old), KEY, layout, out)
+    finally:
+        os.close(fd)
+    frame = bytearray(frame_bytes(encode(KEY, layout, data, codec)))
     frame[4:6] = (1).to_bytes(2, "little")  # version 1: one digest over the whole frame
-    with pytest.raises(FrameError, match="not a version-2 frame"):
-        decode_into(bytes(frame), KEY, layout, torch.empty(layout.nbytes, dtype=torch.uint8))
+    with pytest.raises(OldVersionFrame, match="version-1 frame"):
+        decode_into(bytes(frame), KEY, layout, out)
+    frame[4:6] = (4).to_bytes(2, "little")  # no such version yet: not a frame this build knows
+    with pytest.raises(MalformedFrame, match="not a version-3 frame"):
+        decode_into(bytes(frame), KEY, layout, out)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.integers(0, 2**64 - 1), codec=st.sampled_from(["raw", "zstd"]))
+def test_the_position_round_trips_through_every_decoder(tmp_path_factory, position, codec):
+    data = kv_like(LAYOUT)
+    frame = frame_bytes(encode(KEY, LAYOUT, data, codec, position=position))
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    assert decode_into(frame, KEY, LAYOUT, out) == position and torch.equal(out, data.reshape(-1).view(torch.uint8))
+    assert parse_header(frame[:HEADER_BYTES]).position == position
+    path = tmp_path_factory.mktemp("frames") / "f.lmsg"
+    path.write_bytes(frame)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_into(fd, len(frame), KEY, LAYOUT, out) == position
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("position", [-1, 2**64])
+def test_encode_refuses_a_position_outside_64_bits(position):
+    with pytest.raises(ValueError, match="position"):
+        encode(KEY, LAYOUT, kv_like(LAYOUT), position=position)
