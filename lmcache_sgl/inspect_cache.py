@@ -11,6 +11,8 @@ directories ``tp<rank>of<size>/``; each of them is read. Frames are regular file
 or deleted. ``stats`` and ``verify`` only read (they take no lock, create nothing and
 change no mtime), even while a server runs. ``clear`` and ``verify --delete-bad`` take
 each directory's lock as a server does, so they refuse a directory a live server holds.
+Frames of an earlier format version (written before an upgrade; servers drop them when
+read) are bad frames, reported as old-version frames.
 Exit status: 0, 1 if ``verify`` found a bad frame, 2 if DIR cannot be used.
 """
 
@@ -34,7 +36,16 @@ from typing import Any
 import torch
 import yaml
 
-from .codec import HEADER_BYTES, ChunkLayout, FrameError, FrameHeader, KeyMismatch, parse_header, read_into
+from .codec import (
+    HEADER_BYTES,
+    ChunkLayout,
+    FrameError,
+    FrameHeader,
+    KeyMismatch,
+    OldVersionFrame,
+    parse_header,
+    read_into,
+)
 from .config import GB, ConfigError, LMCacheConfig, config_from_mapping
 from .storage.disk import (
     FRAME_NAME,
@@ -76,12 +87,14 @@ class TierDir:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What reading one frame found: its header if good, else why it is bad; neither if
-    the file vanished meanwhile (a live server evicted it)."""
+    """What reading one frame found: its header if good, else why it is bad (`old`: it is
+    of an earlier format version); neither if the file vanished meanwhile (a live server
+    evicted it)."""
 
     frame: FrameFile
     header: FrameHeader | None = None
     error: str | None = None
+    old: bool = False
 
 
 # ---- reading -----------------------------------------------------------------------
@@ -167,7 +180,7 @@ def _outcome(check: Callable[[FrameFile], FrameHeader], frame: FrameFile) -> Out
     except FileNotFoundError:
         return Outcome(frame)
     except FrameError as e:
-        return Outcome(frame, error=f"{type(e).__name__}: {e}")
+        return Outcome(frame, error=f"{type(e).__name__}: {e}", old=isinstance(e, OldVersionFrame))
     except OSError as e:
         return Outcome(frame, error=f"unreadable: {e.strerror or e}")
 
@@ -189,8 +202,9 @@ def _when(frame: FrameFile) -> dict[str, str]:
     return {"file": frame.path, "written": stamp}
 
 
-def _common(tiers: list[TierDir]) -> dict[str, Any]:
+def _common(tiers: list[TierDir], outcomes: Sequence[Outcome]) -> dict[str, Any]:
     return {
+        "old_version_frames": [o.frame.path for o in outcomes if o.old],
         "directories": [
             {"path": t.path, "in_use_by_pid": t.owner, "chunks": len(t.frames), "bytes": sum(f.size for f in t.frames)}
             for t in tiers
@@ -223,7 +237,7 @@ def stats(root: str, budget_bytes: int | None = None) -> dict[str, Any]:
         "budget_bytes": budget_bytes,
         "budget_used": total / budget_bytes if budget_bytes else None,
         "bad_headers": [{"file": o.frame.path, "error": o.error} for o in outcomes if o.error],
-        **_common(tiers),
+        **_common(tiers, outcomes),
     }
 
 
@@ -276,7 +290,7 @@ def verify(root: str, *, delete_bad: bool = False) -> dict[str, Any]:
         "bytes": sum(o.frame.size for o in outcomes),
         "seconds": seconds,
         "deleted": deleted,
-        **_common(tiers),
+        **_common(tiers, outcomes),
     }
 
 
@@ -341,6 +355,11 @@ def _size(n: float) -> str:
 
 
 def _print_common(r: dict[str, Any]) -> None:
+    if r["old_version_frames"]:
+        print(
+            f"  old-version frames: {len(r['old_version_frames'])} (written before an upgrade: a server drops "
+            "each when it reads it; `lmcache-sgl cache verify --delete-bad` removes them)"
+        )
     for d in r["directories"]:
         held = f"held by a live server (pid {d['in_use_by_pid']})" if d["in_use_by_pid"] else "no live server"
         print(f"  {d['path']}: {d['chunks']} chunks, {_size(d['bytes'])}, {held}")

@@ -16,6 +16,7 @@ from lmcache_sgl.config import GB
 from lmcache_sgl.codec import HEADER_BYTES, ChunkLayout, FrameError, encode, frame_bytes, parse_header
 from lmcache_sgl.storage import DiskTier, Payload
 from lmcache_sgl.storage.disk import LOCK_FILE, directory_in_use
+from test_codec import version_2_frame
 
 MHA = ChunkLayout("mha", "bfloat16", (2, 2, 16, 2, 8))
 MLA = ChunkLayout("mla", "float16", (1, 2, 16, 24))
@@ -235,6 +236,29 @@ def test_verify_delete_bad_removes_only_bad_frames_and_refuses_a_live_server(cac
     left = sorted(os.listdir(path))
     assert left == sorted([LOCK_FILE, *FOREIGN, *(name(i) for i in (0, 2, 3, 5))])
     assert run_cli(capsys, "verify", path)[0] == 0
+
+
+def test_verify_and_stats_report_frames_of_version_2_as_old_version_frames(tmp_path, capsys):
+    write_good(tmp_path)
+    for i in (10, 11):
+        (tmp_path / name(i)).write_bytes(version_2_frame(key(i), MHA, chunk(MHA, i), "zstd"))
+    old = sorted(str(tmp_path / name(i)) for i in (10, 11))
+    rc, out = run_cli(capsys, "verify", tmp_path, "--json")
+    r = json.loads(out)
+    assert rc == 1 and r["good"] == GOOD and sorted(r["old_version_frames"]) == old
+    assert {b["file"]: b["error"] for b in r["bad"]} == {
+        f: "OldVersionFrame: a version-2 frame, written before an upgrade (this build reads 3)" for f in old
+    }
+    rc, text = run_cli(capsys, "verify", tmp_path)
+    assert rc == 1 and f"{GOOD} good, 2 bad" in text and "old-version frames: 2 (written before an upgrade" in text
+    rc, out = run_cli(capsys, "stats", tmp_path, "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["chunks"] == GOOD + 2 and sorted(r["old_version_frames"]) == old
+    assert basenames(b["file"] for b in r["bad_headers"]) == basenames(old)
+    assert "old-version frames: 2" in run_cli(capsys, "stats", tmp_path)[1]
+    rc, out = run_cli(capsys, "verify", tmp_path, "--delete-bad", "--json")
+    assert rc == 1 and sorted(json.loads(out)["deleted"]) == old
+    assert run_cli(capsys, "verify", tmp_path)[0] == 0
 
 
 def test_verify_runs_through_the_console_script(cache):
