@@ -169,10 +169,12 @@ class CacheEngine:
         self.stack.unprotect(handle)
 
     # ---- pool <-> tiers -----------------------------------------------------------
-    def store(self, chunks: Sequence[Chunk], slots: torch.Tensor) -> int:
+    def store(self, chunks: Sequence[Chunk], slots: torch.Tensor, *, lane: str = "prefix") -> int:
         """Store every chunk not yet stored whose tokens all have slots (slots[t] holds
-        token t). Returns how many were stored; a chunk that fails is skipped, counted
-        and logged, never raised. While paused: nothing."""
+        token t), each with its start as the position its KV was computed at, in the CPU
+        tier's `lane` ("prefix", or "segment" for position-independent segments). Returns
+        how many were stored; a chunk that fails is skipped, counted and logged, never
+        raised. While paused: nothing."""
         if self.paused:
             return 0
         started, stored = time.perf_counter(), 0
@@ -183,7 +185,11 @@ class CacheEngine:
                 chunk_slots = slots[c.start : c.end]
                 layout = self.pool.layout(c.end - c.start)
                 stored += self.stack.store(
-                    c.key, layout, lambda buf, chunk_slots=chunk_slots: self._gather(chunk_slots, buf)
+                    c.key,
+                    layout,
+                    lambda buf, chunk_slots=chunk_slots: self._gather(chunk_slots, buf),
+                    position=c.start,
+                    lane=lane,
                 )
             except Exception as e:
                 self.metrics.inc("dropped_writes_total", reason="error")

@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from lmcache_sgl.storage import CpuTier, Payload, TierStack
+from lmcache_sgl.storage import CpuTier, TierStack
 from lmcache_sgl.storage.redis import RedisTier
 from redis_servers import redis_factory, start_cluster  # noqa: F401 (fixture)
-from test_redis_tier import LAYOUT, TIMEOUT, count_round_trips, key, payload, read
+from test_redis_tier import LAYOUT, TIMEOUT, count_round_trips, key, owned, payload, position, read
 
 N = 30
 
@@ -19,7 +19,7 @@ def test_cluster_spreads_chunks_and_survives_a_dead_master(redis_factory, monkey
     url = "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes[:2])  # the third is discovered
     writer = RedisTier(url, timeout_s=TIMEOUT, max_delay_s=0.5)
     for i in range(N):
-        writer.put(key(i), LAYOUT, Payload(payload(i), LAYOUT.nbytes))
+        writer.put(key(i), LAYOUT, owned(i))
     assert writer.flush(10)
     assert writer.metrics.snapshot()["stored_chunks_total"] == {"redis": N}
     sizes = [n.client().dbsize() for n in nodes]
@@ -43,11 +43,11 @@ def test_cluster_spreads_chunks_and_survives_a_dead_master(redis_factory, monkey
         if i in dead:
             assert hit is None
         else:
-            assert hit is not None and torch.equal(hit.data, payload(i))
+            assert hit is not None and torch.equal(hit.data, payload(i)) and hit.position == position(i)
             stack.release(key(i))
     more = [key(N + i) for i in range(N)]  # writes continue on the live masters
     for i, k in enumerate(more):
-        writer.put(k, LAYOUT, Payload(payload(N + i), LAYOUT.nbytes))
+        writer.put(k, LAYOUT, owned(N + i))
     assert writer.flush(10)
     snapshot = writer.metrics.snapshot()
     stored, dropped = snapshot["stored_chunks_total"]["redis"] - N, snapshot["dropped_writes_total"]["redis_down"]

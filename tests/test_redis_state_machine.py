@@ -1,8 +1,8 @@
 """A random walk over a TierStack of the CPU tier and a Redis tier (a real redis-server)
-against a plain dict: a get returns exactly the stored bytes or a miss, whatever
-happens to Redis (killed, restarted empty, garbage or another chunk's frame written
-under a key); lookup counts a run of present chunks; no chunk stays pinned once the
-writer is flushed."""
+against a plain dict: a get returns exactly the stored bytes and position or a miss,
+whatever happens to Redis (killed, restarted empty, garbage or another chunk's frame
+written under a key); lookup counts a run of present chunks; no chunk stays pinned once
+the writer is flushed."""
 
 import os
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from redis_servers import REDIS_SERVER, RedisServer
-from test_tier_state_machine import LAYOUT, key, payload
+from test_tier_state_machine import LAYOUT, key, payload, position
 
 from lmcache_sgl.storage import CpuTier, TierStack
 from lmcache_sgl.storage.redis import RedisTier
@@ -39,7 +39,7 @@ class RedisStackMachine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, NUM_KEYS - 1))
     def store(self, i):
-        self.stack.store(key(i), LAYOUT, lambda buf: buf.copy_(payload(i)))
+        self.stack.store(key(i), LAYOUT, lambda buf: buf.copy_(payload(i)), position=position(i))
         self.model[key(i)] = payload(i)
 
     @rule(ids=st.lists(st.integers(0, NUM_KEYS - 1), min_size=1, max_size=4, unique=True))
@@ -50,6 +50,7 @@ class RedisStackMachine(RuleBasedStateMachine):
                 if hit is not None:
                     assert key(i) in self.model, "a chunk that was never stored came back"
                     assert torch.equal(hit.data, self.model[key(i)]), "a get returned other bytes"
+                    assert hit.position == position(i), f"a get from {hit.tier} returned another position"
         finally:
             for i, hit in zip(ids, hits, strict=True):
                 if hit is not None:

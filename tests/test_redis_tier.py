@@ -15,6 +15,7 @@ from lmcache_sgl.storage import CpuTier, Payload, TierStack
 from lmcache_sgl.storage import redis as redis_module
 from lmcache_sgl.storage.redis import RedisTier
 from redis_servers import redis_factory, redis_server  # noqa: F401 (fixtures)
+from test_codec import version_2_frame
 
 LAYOUT = ChunkLayout("mha", "bfloat16", (2, 2, 4, 1, 64))
 TIMEOUT = 0.3
@@ -33,15 +34,27 @@ def tier(server, **kwargs) -> RedisTier:
     return RedisTier(server.url, timeout_s=TIMEOUT, max_delay_s=0.5, **kwargs)
 
 
+def position(i: int) -> int:
+    return 2**50 + 3 * i
+
+
+def owned(i: int) -> Payload:
+    """Chunk i's bytes and position, as a copy for a tier to write."""
+    return Payload(payload(i), LAYOUT.nbytes, position=position(i))
+
+
 def put(t: RedisTier, *ids: int) -> None:
     for i in ids:
-        t.put(key(i), LAYOUT, Payload(payload(i), LAYOUT.nbytes))
+        t.put(key(i), LAYOUT, owned(i))
     assert t.flush(10)
 
 
 def read(t: RedisTier, i: int) -> torch.Tensor | None:
+    """Chunk i's bytes from `t` (which must give its position too), None on a miss."""
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
-    return out if t.get_into(key(i), LAYOUT, out) else None
+    got = t.get_into(key(i), LAYOUT, out)
+    assert got in (None, position(i))
+    return None if got is None else out
 
 
 def count_round_trips(monkeypatch) -> list:
@@ -59,7 +72,7 @@ def test_store_and_read_back_across_instances(redis_server, serde):
     assert b.count_present([key(0), key(1), key(2), key(3)]) == 3
     assert key(1) in b and key(7) not in b  # seen present by count_present; never a network call
     assert torch.equal(read(b, 1), payload(1)) and read(b, 5) is None
-    assert not a.put(key(0), LAYOUT, Payload(payload(0), LAYOUT.nbytes))  # known present: not written twice
+    assert not a.put(key(0), LAYOUT, owned(0))  # known present: not written twice
     a.close(), b.close()
 
 
@@ -72,7 +85,7 @@ def test_queued_writes_share_one_pipeline(redis_server, monkeypatch):
     t = RedisTier(redis_server.url, timeout_s=TIMEOUT, max_delay_s=60, idle=idle)
     calls = count_round_trips(monkeypatch)
     for i in range(redis_module.WRITE_BATCH):
-        assert t.put(key(i), LAYOUT, Payload(payload(i), LAYOUT.nbytes))
+        assert t.put(key(i), LAYOUT, owned(i))
     assert t.flush(10)
     assert calls == [redis_module.WRITE_BATCH]
     assert t.metrics.snapshot()["stored_chunks_total"] == {"redis": redis_module.WRITE_BATCH}
@@ -96,6 +109,35 @@ def test_lookup_and_load_are_one_round_trip_each(redis_server, monkeypatch):
         stack.release(k)
     assert stack.lookup_tiers(keys[:20]) == ["cpu"] * 20
     writer.close(), stack.close()
+
+
+def test_positions_come_back_from_redis_written_through_or_demoted_and_promoted(redis_server):
+    """A chunk's position reaches Redis by write-through and by write-back demotion, and
+    comes back with the promotion into the CPU tier and with later CPU hits."""
+    for write_through in (True, False):
+        redis_server.client().flushall()
+        stack = TierStack(CpuTier(LAYOUT.nbytes, LAYOUT.nbytes), [tier(redis_server)], write_through=write_through)
+        for i in (0, 1):  # under write_back, 1's store demotes 0
+            assert stack.store(key(i), LAYOUT, lambda buf, i=i: buf.copy_(payload(i)), position=position(i))
+            assert stack.flush(10)
+        stack.hot.clear()
+        for i, source in ((0, "redis"), (0, "cpu")):
+            hit = stack.get(key(i), LAYOUT)
+            assert hit is not None and (hit.tier, hit.position) == (source, position(i))
+            assert torch.equal(hit.data, payload(i))
+            stack.release(key(i))
+        assert torch.equal(read(tier(redis_server), 0), payload(0))
+        stack.close()
+
+
+def test_a_version_2_frame_in_redis_is_a_rejected_miss(redis_server):
+    redis_server.client().set(b"lmcsgl:" + key(0).hex().encode(), version_2_frame(key(0), LAYOUT, payload(0)))
+    t = tier(redis_server)
+    assert t.count_present([key(0)]) == 1 and read(t, 0) is None and key(0) not in t
+    assert t.metrics.snapshot()["corrupt_frames_total"] == {"redis": 1}
+    put(t, 0)  # the next store overwrites it
+    assert torch.equal(read(tier(redis_server), 0), payload(0))
+    t.close()
 
 
 def test_ttl_is_set(redis_server):
@@ -190,7 +232,7 @@ def test_killed_redis_costs_nothing_warns_once_and_heals(redis_server, caplog):
         for _ in range(50):
             assert t.count_present([key(0)]) == 0 and read(t, 0) is None
         assert time.monotonic() - started < TIMEOUT
-        t.put(key(1), LAYOUT, Payload(payload(1), LAYOUT.nbytes))
+        t.put(key(1), LAYOUT, owned(1))
         assert t.flush(5)
     assert len([r for r in caplog.records if "redis" in r.getMessage()]) == 1
     assert t.metrics.snapshot()["dropped_writes_total"] == {"redis_down": 1}

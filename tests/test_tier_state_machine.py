@@ -1,6 +1,7 @@
 """A random walk over the TierStack against a plain dict, checking the contracts:
-a get returns exactly the stored bytes or a miss; no tier exceeds its capacity; lookup
-counts a contiguous run of present chunks; a disk restart finds every intact entry."""
+a get returns exactly the stored bytes and position or a miss, from whichever tier and
+lane (write-through, demotion, promotion); no tier exceeds its capacity; lookup counts a
+contiguous run of present chunks; a disk restart finds every intact entry."""
 
 import errno
 import os
@@ -15,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from lmcache_sgl.codec import ChunkLayout
 from lmcache_sgl.storage import CpuTier, DiskTier, TierStack
 from lmcache_sgl.storage import disk as disk_module
+from lmcache_sgl.storage.cpu import LANES
 
 LAYOUT = ChunkLayout("mha", "bfloat16", (2, 1, 4, 1, 16))
 NUM_KEYS = 8
@@ -23,6 +25,11 @@ DISK_CAPACITY = 1400
 
 def key(i: int) -> bytes:
     return bytes([i]) * 16
+
+
+def position(i: int) -> int:
+    """Chunk i's position when its KV was computed: beyond 32 bits, one per chunk."""
+    return (i + 1) << 40 | i
 
 
 def payload(i: int) -> torch.Tensor:
@@ -42,10 +49,11 @@ class TierStackMachine(RuleBasedStateMachine):
         self.damaged: set[bytes] = set()
         self.real_write = disk_module._write_file
 
-    @initialize(write_through=st.booleans())
-    def make_stack(self, write_through):
+    @initialize(write_through=st.booleans(), segment_share=st.sampled_from([0.0, 0.34]))
+    def make_stack(self, write_through, segment_share):
         self.write_through = write_through
-        self.stack = TierStack(CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes), [self._disk()], write_through=write_through)
+        cpu = CpuTier(3 * LAYOUT.nbytes, LAYOUT.nbytes, segment_share=segment_share)
+        self.stack = TierStack(cpu, [self._disk()], write_through=write_through)
 
     def _disk(self) -> DiskTier:
         return DiskTier(self.dir, DISK_CAPACITY, codec="zstd", max_queue_bytes=4 * LAYOUT.nbytes)
@@ -60,29 +68,31 @@ class TierStackMachine(RuleBasedStateMachine):
             self.disk.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    @rule(i=st.integers(0, NUM_KEYS - 1))
-    def store(self, i):
-        self.stack.store(key(i), LAYOUT, lambda buf: buf.copy_(payload(i)))
+    @rule(i=st.integers(0, NUM_KEYS - 1), lane=st.sampled_from(LANES))
+    def store(self, i, lane):
+        self.stack.store(key(i), LAYOUT, lambda buf: buf.copy_(payload(i)), position=position(i), lane=lane)
         self.model[key(i)] = payload(i)
 
-    @rule(i=st.integers(0, NUM_KEYS - 1))
-    def get(self, i):
-        hit = self.stack.get(key(i), LAYOUT)
+    @rule(i=st.integers(0, NUM_KEYS - 1), lane=st.sampled_from(LANES))
+    def get(self, i, lane):
+        hit = self.stack.get(key(i), LAYOUT, lane=lane)
         if hit is None:
             return
         data = hit.data
         try:
             assert key(i) in self.model, "a chunk that was never stored came back"
             assert torch.equal(data, self.model[key(i)]), "a get returned other bytes"
+            assert hit.position == position(i), f"a get from {hit.tier} returned another position"
         finally:
             self.stack.release(key(i))
 
-    @rule(ids=st.lists(st.integers(0, NUM_KEYS - 1), min_size=2, max_size=5, unique=True))
-    def get_many(self, ids):
-        hits = self.stack.get_many([(key(i), LAYOUT) for i in ids])
+    @rule(ids=st.lists(st.integers(0, NUM_KEYS - 1), min_size=2, max_size=5, unique=True), lane=st.sampled_from(LANES))
+    def get_many(self, ids, lane):
+        hits = self.stack.get_many([(key(i), LAYOUT) for i in ids], lane=lane)
         try:
             for i, hit in zip(ids, hits):
                 assert hit is None or torch.equal(hit.data, self.model[key(i)]), "get_many returned other bytes"
+                assert hit is None or hit.position == position(i), "get_many returned another position"
         finally:
             for i, hit in zip(ids, hits):
                 if hit is not None:
@@ -96,9 +106,9 @@ class TierStackMachine(RuleBasedStateMachine):
         # A chunk still queued for the disk is contained (not stored twice) but not yet present.
         assert found == len(keys) or not any(t.count_present(keys[found : found + 1]) for t in self.stack.tiers)
 
-    @rule()
-    def evict(self):
-        self.stack.hot.evict_lru()
+    @rule(lane=st.sampled_from(LANES))
+    def evict(self, lane):
+        self.stack.hot.evict_lru(lane)
 
     @rule()
     def flush(self):
@@ -116,7 +126,7 @@ class TierStackMachine(RuleBasedStateMachine):
         assert intact <= set(self.disk.keys()), "an intact disk entry was lost in a restart"
         out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
         for k in intact:
-            assert self.disk.get_into(k, LAYOUT, out) and torch.equal(out, self.model[k])
+            assert self.disk.get_into(k, LAYOUT, out) == position(k[0]) and torch.equal(out, self.model[k])
 
     def _some_file(self, i):
         keys = self.disk.keys()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lmcache_sgl.codec import ChunkLayout
 from lmcache_sgl.storage import AsyncWriter, CpuTier, DiskDirectoryError, DiskTier, IdleSignal, Payload, TierStack
 from lmcache_sgl.storage import disk as disk_module
+from test_codec import version_2_frame
 
 LAYOUT = ChunkLayout("bytes", "uint8", (1000,))
 
@@ -30,7 +31,7 @@ def fill_with(i):
 
 def test_cpu_tier_lru_and_capacity():
     evicted = []
-    cpu = CpuTier(3 * 1000 + 999, 1000, on_evict=lambda k, l, d: evicted.append((k, d.clone())))
+    cpu = CpuTier(3 * 1000 + 999, 1000, on_evict=lambda k, l, d, p: evicted.append((k, d.clone())))
     assert cpu.num_slabs == 3
     for i in range(3):
         assert cpu.store(key(i), LAYOUT, fill_with(i))
@@ -79,9 +80,26 @@ def test_cpu_tier_fill_failure_gives_the_slab_back():
     assert key(0) not in cpu and cpu.store(key(1), LAYOUT, fill_with(1))
 
 
-def owned(i: int) -> Payload:
+def owned(i: int, position: int = 0) -> Payload:
     data = payload(i)
-    return Payload(data, data.numel())
+    return Payload(data, data.numel(), position=position)
+
+
+def test_cpu_tier_keeps_each_entrys_position_for_pins_lends_and_evictions():
+    evicted = []
+    cpu = CpuTier(2000, 1000, on_evict=lambda k, layout, copy, position: evicted.append((k, position)))
+    assert cpu.store(key(0), LAYOUT, fill_with(0), position=2**63 + 5, pins=1)
+    assert cpu.store(key(1), LAYOUT, fill_with(1))
+    lent = cpu.lent(key(0))
+    assert lent.position == 2**63 + 5 and torch.equal(lent.tensor, payload(0))
+    assert not cpu.store(key(0), LAYOUT, fill_with(0), position=7)  # present: its position stays
+    assert cpu.pin(key(0), LAYOUT) is not None and cpu.position(key(0)) == 2**63 + 5
+    assert cpu.position(key(1)) == 0
+    cpu.unpin(key(0))
+    lent.release()
+    cpu.evict_lru()
+    cpu.evict_lru()
+    assert evicted == [(key(1), 0), (key(0), 2**63 + 5)]
 
 
 def wait_until(condition, timeout=5.0) -> bool:
@@ -111,8 +129,39 @@ def test_disk_tier_roundtrip_restart_and_budget(tmp_path, codec):
     assert again.keys() == kept and not own_temp.exists() and foreign.exists()
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
     i = int.from_bytes(kept[-1], "little")
-    assert again.get_into(kept[-1], LAYOUT, out) and torch.equal(out, payload(i))
+    assert again.get_into(kept[-1], LAYOUT, out) == 0 and torch.equal(out, payload(i))
     again.close()
+
+
+def test_disk_tier_keeps_positions_across_a_restart(tmp_path):
+    disk = DiskTier(str(tmp_path), 10**6)
+    for i in range(3):
+        assert disk.put(key(i), LAYOUT, owned(i, position=1000 * i + 2**40))
+    disk.close()
+    again = DiskTier(str(tmp_path), 10**6)
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    for i in range(3):
+        assert again.get_into(key(i), LAYOUT, out) == 1000 * i + 2**40 and torch.equal(out, payload(i))
+    assert again.get_into(key(9), LAYOUT, out) is None
+    again.close()
+
+
+def test_disk_tier_refuses_a_version_2_frame_as_a_counted_miss(tmp_path):
+    """A frame written before the upgrade to version 3 is found at start, then dropped
+    and counted when read; the chunk can be stored again."""
+    DiskTier(str(tmp_path), 10**6).close()
+    old = tmp_path / (key(1).hex() + ".lmsg")
+    old.write_bytes(version_2_frame(key(1), LAYOUT, payload(1)))
+    old.chmod(0o600)
+    disk = DiskTier(str(tmp_path), 10**6)
+    assert disk.count_present([key(1)]) == 1
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    assert disk.get_into(key(1), LAYOUT, out) is None
+    assert disk.metrics.snapshot()["corrupt_frames_total"] == {"disk": 1}
+    assert key(1) not in disk and not old.exists()
+    assert disk.put(key(1), LAYOUT, owned(1, position=3)) and disk.flush(10)
+    assert disk.get_into(key(1), LAYOUT, out) == 3 and torch.equal(out, payload(1))
+    disk.close()
 
 
 def test_disk_tier_corrupt_file_is_a_miss_and_removed(tmp_path):
@@ -184,6 +233,46 @@ def test_stack_write_back_demotes_and_promotes(tmp_path):
     assert stack.metrics.snapshot()["load_bytes_total"] == {"disk": LAYOUT.nbytes}
 
 
+@pytest.mark.parametrize("write_through", [True, False])
+def test_positions_survive_write_through_demotion_and_promotion(tmp_path, write_through):
+    """Each chunk's position comes back from whichever tier answers: the CPU tier, the
+    disk (written through, or demoted by an eviction), the CPU tier again after promotion."""
+    disk = DiskTier(str(tmp_path), 10**6)
+    stack = TierStack(CpuTier(2000, 1000), [disk], write_through=write_through)
+    at = {i: 17 * i + 2**33 for i in range(4)}
+    for i in range(4):
+        assert stack.store(key(i), LAYOUT, fill_with(i), position=at[i]) and stack.flush(10)  # written: unpinned
+    out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+    on_disk = [0, 1, 2, 3] if write_through else [0, 1]  # the first two were demoted
+    assert all(disk.get_into(key(i), LAYOUT, out) == at[i] for i in on_disk)
+    for i, tier in ((3, "cpu"), (0, "disk"), (0, "cpu")):  # 0 is promoted from the disk, then a CPU hit
+        hit = stack.get(key(i), LAYOUT)
+        assert hit is not None and (hit.tier, hit.position) == (tier, at[i]) and torch.equal(hit.data, payload(i))
+        stack.release(key(i))
+    stack.close()
+
+
+def test_positions_without_room_in_the_cpu_tier_or_without_one(tmp_path):
+    """No room in the CPU tier (its one slab pinned): the copy for the disk keeps the
+    position; a stack without a CPU tier hands out the disk's position."""
+    stack = TierStack(CpuTier(1000, 1000), [DiskTier(str(tmp_path / "a"), 10**6)], write_through=True)
+    assert stack.store(key(0), LAYOUT, fill_with(0), position=5)
+    held = stack.get(key(0), LAYOUT)
+    assert held is not None and held.position == 5
+    assert stack.store(key(1), LAYOUT, fill_with(1), position=6) and key(1) not in stack.hot
+    assert stack.flush(10)
+    hit = stack.get(key(1), LAYOUT)  # no room to promote either: a scratch copy
+    assert hit is not None and (hit.tier, hit.position) == ("disk", 6) and torch.equal(hit.data, payload(1))
+    stack.release(key(1)), stack.release(key(0))
+    stack.close()
+    disk_only = TierStack(None, [DiskTier(str(tmp_path / "b"), 10**6)])
+    assert disk_only.store(key(2), LAYOUT, fill_with(2), position=2**64 - 1) and disk_only.flush(10)
+    hit = disk_only.get(key(2), LAYOUT)
+    assert hit is not None and hit.position == 2**64 - 1
+    disk_only.release(key(2))
+    disk_only.close()
+
+
 def test_stack_write_through_and_disk_only(tmp_path):
     stack = TierStack(CpuTier(10**6, 1000), [DiskTier(str(tmp_path / "a"), 10**6)], write_through=True)
     stack.store(key(1), LAYOUT, fill_with(1))
@@ -211,7 +300,7 @@ def test_write_through_never_drops_a_chunk_the_cpu_tier_would_evict(tmp_path):
     assert stack.flush(timeout=10)
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
     for i in range(6):
-        assert disk.get_into(key(i), LAYOUT, out) and torch.equal(out, payload(i))
+        assert disk.get_into(key(i), LAYOUT, out) == 0 and torch.equal(out, payload(i))
     assert all(e.pins == 0 for e in stack.hot._entries.values())
     assert stack.metrics.snapshot()["dropped_writes_total"] == {}
     disk.close()

@@ -30,11 +30,13 @@ class Payload:
     """A chunk's bytes on their way to a cold tier. The tier calls `release()` exactly once,
     when it no longer reads `tensor` (written, refused or dropped). `owned_bytes` is the
     memory the payload holds on its own (a copy), 0 when it borrows memory that someone
-    else bounds (a pinned CPU-tier slab)."""
+    else bounds (a pinned CPU-tier slab). `position`: the first token's position when the
+    KV was computed; the frame records it."""
 
     tensor: torch.Tensor
     owned_bytes: int
     release: Callable[[], None] = field(default=lambda: None)
+    position: int = 0
 
 
 class Tier(Protocol):
@@ -73,10 +75,11 @@ class Tier(Protocol):
 class ColdTier(Tier, Protocol):
     """A tier below the hot one: copies on read, writes in the background."""
 
-    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
-        """Read and verify the chunk into `out` (layout.nbytes bytes); False on a miss or
-        a bad entry (which is dropped and counted, never returned). Refreshes recency.
-        `parallel`: the tier may use every core for this one read."""
+    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int | None:
+        """Read and verify the chunk into `out` (layout.nbytes bytes); the position it was
+        stored with (Payload.position) on a hit, None on a miss or a bad entry (corrupt, or
+        a frame of an earlier version: dropped and counted, never returned). Refreshes
+        recency. `parallel`: the tier may use every core for this one read."""
 
     def reading(self, keys: Sequence[bytes]) -> AbstractContextManager[None]:
         """get_into and count_present calls for `keys` follow (from any thread) until the
@@ -84,9 +87,9 @@ class ColdTier(Tier, Protocol):
         those calls from what it fetched. Never raises; a tier with cheap reads does nothing."""
 
     def put(self, key: bytes, layout: ChunkLayout, data: Payload) -> bool:
-        """Queue the chunk for writing and return at once; the tier owns `data` from now
-        on (and releases it). False when the chunk is present or queued already, or the
-        write was refused (counted)."""
+        """Queue the chunk (its bytes and position) for writing and return at once; the
+        tier owns `data` from now on (and releases it). False when the chunk is present
+        or queued already, or the write was refused (counted)."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write has finished; False if `timeout` ran out first."""

@@ -1,15 +1,27 @@
 """CPU tier: the hot tier, a pre-allocated slab arena with LRU eviction and pins.
 
-One slab holds one chunk. The arena is allocated once (page-locked when CUDA is
-present; otherwise its pages are faulted in by a background thread at start), so the
-hot path neither allocates nor takes page faults. Pinned entries (being loaded,
-protected for a promised load, or lent to a cold tier's writer) are never evicted. An
-entry is verified on every read by its key and layout.
+One slab holds one chunk, and remembers the position its KV was computed at. The arena
+is allocated once (page-locked when CUDA is present; otherwise its pages are faulted in
+by a background thread at start), so the hot path neither allocates nor takes page
+faults. Pinned entries (being loaded, protected for a promised load, or lent to a cold
+tier's writer) are never evicted. An entry is verified on every read by its key and
+layout.
+
+Two lanes keep their own LRU order: "prefix" (prefix-chained chunks) and "segment"
+(position-independent segments, reused anywhere in a prompt). With a segment share s,
+the segment lane is guaranteed floor(s * slabs) slabs against prefix stores and the
+prefix lane the rest against segment stores: a store that needs a slab evicts from its
+own lane when that lane holds its share or more, otherwise from the other lane (which,
+the arena being full, holds more than its share). In the segment lane an entry never
+read (pinned) since it was stored is evicted before any entry that was read, so a scan
+of segments used once does not push out the reused ones. With s == 0 (or a share of no
+whole slab) there is one lane, a plain LRU.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import threading
@@ -23,7 +35,8 @@ from ..codec import ChunkLayout
 from ..metrics import CacheMetrics
 from .base import Held, Payload
 
-EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor], None]
+EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor, int], None]  # key, layout, copy, position
+LANES = ("prefix", "segment")
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
@@ -44,7 +57,10 @@ def _populate(arena: torch.Tensor, step: int = 64 << 20) -> None:
 class _Entry:
     slab: int
     layout: ChunkLayout
+    lane: str
+    position: int
     pins: int = 0
+    read: bool = False  # pinned by pin() since it was stored
 
 
 class CpuTier:
@@ -57,26 +73,34 @@ class CpuTier:
         on_evict: EvictHook | None = None,
         *,
         metrics: CacheMetrics | None = None,
+        segment_share: float = 0.0,
     ) -> None:
-        """Hold up to capacity_bytes // slab_bytes chunks of at most slab_bytes each.
+        """Hold up to capacity_bytes // slab_bytes chunks of at most slab_bytes each, of
+        which floor(segment_share * slabs) are the segment lane's share (0 <= share < 1).
 
-        on_evict(key, layout, copy) is told of each evicted entry, with a copy of its
-        bytes, after the tier's lock is released (so it may block).
+        on_evict(key, layout, copy, position) is told of each evicted entry, with a copy
+        of its bytes, after the tier's lock is released (so it may block).
         """
         if slab_bytes <= 0:
             raise ValueError(f"slab_bytes must be positive, got {slab_bytes}")
+        if not 0 <= segment_share < 1:
+            raise ValueError(f"segment_share must be >= 0 and < 1, got {segment_share}")
         self.slab_bytes = slab_bytes
         self.num_slabs = max(capacity_bytes, 0) // slab_bytes
+        segment_slabs = math.floor(segment_share * self.num_slabs)
+        self._share = {"prefix": self.num_slabs - segment_slabs, "segment": segment_slabs}  # guaranteed slabs
         pin = torch.cuda.is_available()
         self._arena = torch.empty(self.num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=pin)
         if not pin and sys.platform == "linux" and self._arena.numel():
             threading.Thread(target=_populate, args=(self._arena,), name="lmcsgl-cpu-populate", daemon=True).start()
         self._free = list(range(self.num_slabs - 1, -1, -1))  # pop() takes the lowest slab: populated first
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
+        self._entries: dict[bytes, _Entry] = {}
+        self._lru: dict[str, OrderedDict[bytes, _Entry]] = {lane: OrderedDict() for lane in LANES}  # LRU first
+        self._slabs = dict.fromkeys(LANES, 0)  # slabs each lane holds, entries and fills
         self._filling: set[bytes] = set()  # slabs taken, bytes being written
         self._lock = threading.RLock()
         self.on_evict = on_evict
-        self._evicted: list[tuple[bytes, ChunkLayout, torch.Tensor]] = []  # copies for on_evict, under the lock
+        self._evicted: list[tuple[bytes, ChunkLayout, torch.Tensor, int]] = []  # for on_evict, under the lock
         self.metrics = metrics if metrics is not None else CacheMetrics()
 
     @property
@@ -92,7 +116,15 @@ class CpuTier:
         return self.used_bytes, self.capacity_bytes
 
     def describe(self) -> str:
-        return f"cpu {self.capacity_bytes / 2**30:.2f} GB"  # GB as in the config: 2**30 bytes
+        size = f"cpu {self.capacity_bytes / 2**30:.2f} GB"  # GB as in the config: 2**30 bytes
+        segments = self._share["segment"]
+        return f"{size} ({segments} of {self.num_slabs} slabs kept for segments)" if segments else size
+
+    def _lane(self, lane: str) -> str:
+        """The lane a store goes to: "prefix" for everything while there are no lanes."""
+        if lane not in LANES:
+            raise ValueError(f"unknown lane {lane!r}: one of {', '.join(LANES)}")
+        return lane if self._share["segment"] else "prefix"
 
     def close(self, timeout: float | None = None) -> bool:
         return True  # nothing runs in the background once the arena is populated
@@ -117,64 +149,112 @@ class CpuTier:
         start = slab * self.slab_bytes
         return self._arena[start : start + nbytes]
 
-    def store(self, key: bytes, layout: ChunkLayout, fill: Callable[[torch.Tensor], None], *, pins: int = 0) -> bool:
-        """Store a chunk whose bytes `fill(buffer)` writes; False if present or no room.
+    def store(
+        self,
+        key: bytes,
+        layout: ChunkLayout,
+        fill: Callable[[torch.Tensor], None],
+        *,
+        pins: int = 0,
+        position: int = 0,
+        lane: str = "prefix",
+    ) -> bool:
+        """Store a chunk whose bytes `fill(buffer)` writes, computed with its first token
+        at `position`, in `lane`; False if present or no room.
 
-        Evicts unpinned entries, least recently used first, to make room. The new entry
+        Evicts unpinned entries to make room (see the module's docstring). The new entry
         starts with `pins` pins (see lent()).
         """
+
+        def write(buf: torch.Tensor) -> int:
+            fill(buf)
+            return position
+
+        return self._store(key, layout, write, pins, lane)
+
+    def promote(self, key: bytes, layout: ChunkLayout, read: Callable[[torch.Tensor], int], *, lane: str) -> bool:
+        """store() of a chunk read from a cold tier: `read(buffer)` writes its bytes and
+        returns the position they were stored with (an exception from it gives the slab
+        back and is raised)."""
+        return self._store(key, layout, read, 0, lane)
+
+    def _store(
+        self, key: bytes, layout: ChunkLayout, write: Callable[[torch.Tensor], int], pins: int, lane: str
+    ) -> bool:
         if layout.nbytes > self.slab_bytes:
             raise ValueError(f"chunk of {layout.nbytes} bytes exceeds the slab size {self.slab_bytes}")
+        lane = self._lane(lane)
         with self._lock:
             if key in self._entries or key in self._filling:
                 if key in self._entries:
-                    self._entries.move_to_end(key)
+                    self._touch(key)
                 return False
-            slab = self._take_slab()
+            slab = self._take_slab(lane)
             if slab is not None:
                 self._filling.add(key)
         self._report_evictions()
         if slab is None:
             return False
         try:  # outside the lock: several chunks may be filled at once
-            fill(self._view(slab, layout.nbytes))
+            position = write(self._view(slab, layout.nbytes))
         except BaseException:
             with self._lock:
                 self._filling.discard(key)
                 self._free.append(slab)
+                self._slabs[lane] -= 1
             raise
         with self._lock:
             self._filling.discard(key)
-            self._entries[key] = _Entry(slab, layout, pins=pins)
+            self._entries[key] = self._lru[lane][key] = _Entry(slab, layout, lane, position, pins=pins)
         self.metrics.inc("stored_chunks_total", tier=self.name)
         self.metrics.inc("store_bytes_total", layout.nbytes, tier=self.name)
         return True
 
     def lent(self, key: bytes) -> Payload:
-        """The bytes of an entry that the caller pinned (store's `pins`), as a Payload for
-        a cold tier's writer: releasing it is the caller's unpin."""
+        """The bytes and position of an entry that the caller pinned (store's `pins`), as a
+        Payload for a cold tier's writer: releasing it is the caller's unpin."""
         with self._lock:
             entry = self._entries[key]
-            return Payload(self._view(entry.slab, entry.layout.nbytes), 0, lambda: self.unpin(key))
+            view = self._view(entry.slab, entry.layout.nbytes)
+            return Payload(view, 0, lambda: self.unpin(key), position=entry.position)
 
-    def _lru_unpinned(self) -> bytes | None:
-        return next((k for k, e in self._entries.items() if e.pins == 0), None)
+    def position(self, key: bytes) -> int:
+        """The position of an entry the caller holds pinned; KeyError if absent."""
+        return self._entries[key].position
 
-    def _take_slab(self) -> int | None:
+    def _touch(self, key: bytes) -> None:
+        """Under the lock: `key` becomes its lane's most recently used entry."""
+        self._lru[self._entries[key].lane].move_to_end(key)
+
+    def _lru_unpinned(self, lane: str) -> bytes | None:
+        """Under the lock: the lane's least recently used unpinned entry; in the segment
+        lane, one never read since it was stored if there is any."""
+        read_one = None
+        for key, entry in self._lru[lane].items():
+            if entry.pins:
+                continue
+            if lane == "prefix" or not entry.read:
+                return key
+            if read_one is None:
+                read_one = key
+        return read_one
+
+    def _take_slab(self, lane: str) -> int | None:
+        """Under the lock: a free slab for `lane`, or one evicted for it; None if none can be."""
         if self._free:
-            return self._free.pop()
-        victim = self._lru_unpinned()
-        return None if victim is None else self._take_slab_of(victim)
+            slab: int | None = self._free.pop()
+        else:
+            other = LANES[1 - LANES.index(lane)]
+            order = (lane,) if self._slabs[lane] >= self._share[lane] else (other, lane)
+            victim = next((k for k in map(self._lru_unpinned, order) if k is not None), None)
+            slab = None if victim is None else self._take_slab_of(victim)
+        if slab is not None:
+            self._slabs[lane] += 1
+        return slab
 
     def pin(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
-        """The chunk's bytes, pinned until unpin(key); None on a miss or a layout mismatch."""
-        view = self._pinned_view(key, layout)
-        if view is not None:
-            with self._lock:
-                self._entries.move_to_end(key)
-        return view
-
-    def _pinned_view(self, key: bytes, layout: ChunkLayout) -> torch.Tensor | None:
+        """The chunk's bytes, pinned until unpin(key) (its position: position(key)); None
+        on a miss or a layout mismatch. The entry counts as read."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.layout != layout:
@@ -182,6 +262,8 @@ class CpuTier:
                     self.metrics.inc("corrupt_frames_total", tier=self.name)
                 return None
             entry.pins += 1
+            entry.read = True
+            self._touch(key)
             return self._view(entry.slab, layout.nbytes)
 
     def protect(self, keys: Sequence[bytes]) -> Held:
@@ -202,21 +284,31 @@ class CpuTier:
                 raise KeyError(f"unpin of a chunk that is not pinned: {key.hex()}")
             entry.pins -= 1
 
-    def evict_lru(self) -> bytes | None:
-        """Evict the least recently used unpinned entry (through on_evict); its key or None."""
+    def evict_lru(self, lane: str = "prefix") -> bytes | None:
+        """Evict the lane's next victim (see the module's docstring) through on_evict;
+        its key or None."""
+        lane = self._lane(lane)
         with self._lock:
-            victim = self._lru_unpinned()
+            victim = self._lru_unpinned(lane)
             if victim is not None:
                 self._free.append(self._take_slab_of(victim))
         self._report_evictions()
         return victim
 
+    def _drop(self, key: bytes) -> _Entry:
+        """Under the lock: forget `key`; its lane no longer holds its slab."""
+        entry = self._entries.pop(key)
+        del self._lru[entry.lane][key]
+        self._slabs[entry.lane] -= 1
+        return entry
+
     def _take_slab_of(self, key: bytes) -> int:
         """Under the lock: evict `key`, keeping a copy for on_evict; its slab."""
-        entry = self._entries.pop(key)
+        entry = self._drop(key)
         self.metrics.inc("evicted_chunks_total", tier=self.name)
         if self.on_evict is not None:
-            self._evicted.append((key, entry.layout, self._view(entry.slab, entry.layout.nbytes).clone()))
+            copy = self._view(entry.slab, entry.layout.nbytes).clone()
+            self._evicted.append((key, entry.layout, copy, entry.position))
         return entry.slab
 
     def _report_evictions(self) -> None:
@@ -225,11 +317,11 @@ class CpuTier:
             return
         with self._lock:
             evicted, self._evicted = self._evicted, []
-        for key, layout, copy in evicted:
-            self.on_evict(key, layout, copy)
+        for key, layout, copy, position in evicted:
+            self.on_evict(key, layout, copy, position)
 
     def clear(self) -> None:
         """Drop every unpinned entry without calling on_evict."""
         with self._lock:
             for key in [k for k, e in self._entries.items() if e.pins == 0]:
-                self._free.append(self._entries.pop(key).slab)
+                self._free.append(self._drop(key).slab)

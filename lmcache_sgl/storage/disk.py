@@ -10,6 +10,10 @@ is never exceeded: room is made, least recently used first, before a file is wri
 a disk that fills up below the budget (ENOSPC) is met the same way, then the write is
 retried. Frames are opened without following links and without blocking, must be
 regular files, and are verified; anything else is a miss, and the entry is dropped.
+A frame of an earlier version (written before an upgrade) is such an entry: indexed at
+start like any file, dropped and counted (corrupt_frames_total) when first read. Each
+frame holds its chunk's position. One LRU order for every chunk: the CPU tier's lanes
+(segments, prefixes) are not kept here.
 """
 
 from __future__ import annotations
@@ -173,14 +177,14 @@ class DiskTier:
         os.close(self._lock_fd)
         return done
 
-    def _write_all(self, items: list[tuple[bytes, ChunkLayout, torch.Tensor]]) -> None:
+    def _write_all(self, items: list[tuple[bytes, ChunkLayout, Payload]]) -> None:
         """The writer's sink."""
         for key, layout, data in items:
             self._write(key, layout, data)
 
-    def _write(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> None:
+    def _write(self, key: bytes, layout: ChunkLayout, data: Payload) -> None:
         """Encode one chunk, make room, write it atomically."""
-        parts = encode(key, layout, data, self.codec, self.level)
+        parts = encode(key, layout, data.tensor, self.codec, self.level, position=data.position)
         size = sum(len(memoryview(p).cast("B")) for p in parts)
         with self._lock:
             while self._used + size > self.capacity_bytes and self._evict_one() is not None:
@@ -224,23 +228,22 @@ class DiskTier:
         """See ColdTier.reading: a file is read when it is wanted."""
         return contextlib.nullcontext()
 
-    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
+    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int | None:
         """See ColdTier.get_into; `parallel`: see codec.decode_into."""
         with self._lock:
             hit = key in self._index
             if hit:
                 self._index.move_to_end(key)
         if not hit:
-            return False
+            return None
         try:
-            _read_frame(self._file(key), key, layout, out, parallel)
+            return _read_frame(self._file(key), key, layout, out, parallel)
         except (OSError, FrameError) as e:
             self._drop(key)
             if isinstance(e, FrameError):
                 self.metrics.inc("corrupt_frames_total", tier=self.name)
                 self._io_errors.warn("corrupt", "dropped a bad frame %s: %s", self._file(key), e)
-            return False
-        return True
+            return None
 
     def clear(self) -> None:
         """Delete every unprotected file of this tier."""
@@ -320,11 +323,12 @@ def open_frame(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _read_frame(path: str, key: bytes, layout: ChunkLayout, out: torch.Tensor, parallel: bool) -> None:
-    """Read and verify the frame at `path` into `out`; OSError as open_frame, FrameError if bad."""
+def _read_frame(path: str, key: bytes, layout: ChunkLayout, out: torch.Tensor, parallel: bool) -> int:
+    """Read and verify the frame at `path` into `out`; its position. OSError as open_frame,
+    FrameError if bad."""
     fd, size = open_frame(path)
     try:
-        read_into(fd, size, key, layout, out, parallel=parallel)
+        return read_into(fd, size, key, layout, out, parallel=parallel)
     finally:
         os.close(fd)
 

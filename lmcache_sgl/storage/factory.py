@@ -28,7 +28,8 @@ def build_stack(
     of the disk tier's directory and 1/tp_size of its budget, so the directory as a whole
     stays within max_local_disk_size. The Redis tier (remote_url) comes after the disk
     tier; TP ranks share it (their keys differ by the rank in the namespace)."""
-    hot = CpuTier(config.cpu_bytes, slab_bytes, metrics=metrics) if config.local_cpu else None
+    share = config.blend_segment_share if config.enable_blending else 0.0  # the CPU tier's segment lane
+    hot = CpuTier(config.cpu_bytes, slab_bytes, metrics=metrics, segment_share=share) if config.local_cpu else None
     cold: list[ColdTier] = []
     if config.disk_path:
         path = config.disk_path if tp_size == 1 else os.path.join(config.disk_path, f"tp{tp_rank}of{tp_size}")

@@ -5,7 +5,8 @@ checksummed frame (codec.py; `naive` = raw, `zstd` = the disk codec), followed, 
 shared secret is configured, by an HMAC-SHA256 tag over the whole frame. A value that
 is absent, cut, altered, written for another key or layout, or without the right tag is
 a miss, counted in `corrupt_frames_total{tier="redis"}` (rejected); it is never deleted
-(the next store of the chunk overwrites it).
+(the next store of the chunk overwrites it); so is a frame of an earlier version. The
+frame holds the chunk's position.
 
 Every call to Redis is a pipeline (one round trip per server, never one per chunk):
 count_present sends one EXISTS per key, reading() one GET per key, writes one SET (with
@@ -19,7 +20,8 @@ misses. The first failure is a warning, later ones are rate-limited, recovery is
 
 Redis cannot pin: protect() names the keys this instance has seen present, a load that
 finds one gone is a miss and the tokens are recomputed. Capacity is the server's
-(`maxmemory` with an eviction policy); usage() reports its INFO memory figures.
+(`maxmemory` with an eviction policy: one order for every chunk, the CPU tier's lanes are
+not kept here); usage() reports its INFO memory figures.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ class RedisTier:
                 for key in keys:
                     self._batch.pop(key, None)
 
-    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> bool:
+    def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int | None:
         """See ColdTier.get_into: the value from the current reading() batch, or one GET."""
         with self._lock:
             batched = key in self._batch
@@ -255,16 +257,16 @@ class RedisTier:
             value = self._fetch("GET", [key])[0]
         if value is None:
             self._forget(key)
-            return False
+            return None
         try:
-            decode_into(self._open(value), key, layout, out, parallel=parallel)
+            position = decode_into(self._open(value), key, layout, out, parallel=parallel)
         except FrameError as e:
             self._forget(key)
             self.metrics.inc("corrupt_frames_total", tier=self.name)
             self._errors.warn("rejected", "rejected the value of %s: %s", self._rkey(key).decode(), e)
-            return False
+            return None
         self._remember([key])
-        return True
+        return position
 
     def _open(self, value: bytes) -> memoryview:
         """The frame inside a stored value; FrameError if its HMAC tag is missing or wrong."""
@@ -285,13 +287,13 @@ class RedisTier:
             return False
         return self.writer.submit(key, layout, data)
 
-    def _value(self, key: bytes, layout: ChunkLayout, data: torch.Tensor) -> bytes:
-        value = b"".join(encode(key, layout, data, self.codec, self.level))
+    def _value(self, key: bytes, layout: ChunkLayout, data: Payload) -> bytes:
+        value = b"".join(encode(key, layout, data.tensor, self.codec, self.level, position=data.position))
         if self._hmac_key is not None:
             value += hmac.new(self._hmac_key, value, hashlib.sha256).digest()
         return value
 
-    def _write(self, items: list[tuple[bytes, ChunkLayout, torch.Tensor]]) -> None:
+    def _write(self, items: list[tuple[bytes, ChunkLayout, Payload]]) -> None:
         """The writer's sink: encode each chunk, then one pipeline of SETs (with PX =
         remote_ttl) per server."""
         rkeys = [self._rkey(key) for key, _, _ in items]

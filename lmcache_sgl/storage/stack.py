@@ -5,7 +5,9 @@ returns a chunk pinned in the hot tier, promoting it from the first cold tier th
 it (or, without a hot tier, in a scratch buffer). Under write_through every store also
 goes to every cold tier (the writer borrows the hot tier's copy, which stays pinned
 until it is written, so no chunk is dropped because the hot tier evicted it first);
-under write_back, chunks the hot tier evicts are demoted to the cold tiers.
+under write_back, chunks the hot tier evicts are demoted to the cold tiers. Every chunk
+keeps, in every tier, the position its first token had when its KV was computed; a get
+returns it. A store or get names the hot tier's lane ("prefix" or "segment", cpu.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger("lmcache_sgl")
 class Hit(NamedTuple):
     data: torch.Tensor  # the chunk's verified bytes, valid until release(key)
     tier: str  # where they came from
+    position: int  # the first token's position when the KV was computed
 
 
 class Protection(NamedTuple):
@@ -59,9 +62,9 @@ class TierStack:
         self._scratch: dict[bytes, torch.Tensor] = {}  # chunks handed out by a stack without a hot tier
         self._errors = RateLimitedLog(log, "lmcache-sgl tiers")
 
-    def _demote(self, key: bytes, layout: ChunkLayout, copy: torch.Tensor) -> None:
+    def _demote(self, key: bytes, layout: ChunkLayout, copy: torch.Tensor, position: int) -> None:
         for tier in self.cold:
-            tier.put(key, layout, Payload(copy, copy.numel()))
+            tier.put(key, layout, Payload(copy, copy.numel(), position=position))
 
     def contains(self, key: bytes) -> bool:
         return any(key in tier for tier in self.tiers)
@@ -116,13 +119,14 @@ class TierStack:
         for tier, held in handle.held:
             tier.unprotect(held)
 
-    def store(self, key: bytes, layout: ChunkLayout, fill) -> bool:
-        """Store a chunk whose bytes `fill(buffer)` writes; False if it was already stored
-        or no tier took it."""
+    def store(self, key: bytes, layout: ChunkLayout, fill, *, position: int = 0, lane: str = "prefix") -> bool:
+        """Store a chunk whose bytes `fill(buffer)` writes, computed with its first token at
+        `position`, in the hot tier's `lane`; False if it was already stored or no tier
+        took it."""
         if self.contains(key):
             return False
         through = self.cold if self.write_through else []
-        if self.hot is not None and self.hot.store(key, layout, fill, pins=len(through)):
+        if self.hot is not None and self.hot.store(key, layout, fill, pins=len(through), position=position, lane=lane):
             for tier in through:  # each write borrows the CPU copy, pinned until written
                 tier.put(key, layout, self.hot.lent(key))
             return True
@@ -131,32 +135,34 @@ class TierStack:
             return False
         copy = torch.empty(layout.nbytes, dtype=torch.uint8)  # no room in the hot tier: a copy for the cold ones
         fill(copy)
-        return any([tier.put(key, layout, Payload(copy, layout.nbytes)) for tier in self.cold])
+        return any([tier.put(key, layout, Payload(copy, layout.nbytes, position=position)) for tier in self.cold])
 
-    def get(self, key: bytes, layout: ChunkLayout, *, parallel: bool = True) -> Hit | None:
-        """The chunk's verified bytes, valid until release(key); None on a miss. A chunk
-        read from a cold tier is promoted into the hot one (decoded on every core when
-        `parallel`)."""
+    def get(self, key: bytes, layout: ChunkLayout, *, parallel: bool = True, lane: str = "prefix") -> Hit | None:
+        """The chunk's verified bytes and position, valid until release(key); None on a
+        miss. A chunk read from a cold tier is promoted into the hot one's `lane`, with
+        the position the cold tier stored (decoded on every core when `parallel`)."""
         if self.hot is not None:
             data = self.hot.pin(key, layout)
             if data is not None:
-                return self._hit(Hit(data, self.hot.name), layout)
+                return self._hit(Hit(data, self.hot.name, self.hot.position(key)), layout)
         for tier in self.cold:
             if not tier.count_present([key]):
                 continue
             if self.hot is not None:
+                read = functools.partial(self._read, tier, key, layout, parallel=parallel)
                 try:
-                    if self.hot.store(key, layout, functools.partial(self._read, tier, key, layout, parallel=parallel)):
+                    if self.hot.promote(key, layout, read, lane=lane):
                         data = self.hot.pin(key, layout)
                         if data is not None:
-                            return self._hit(Hit(data, tier.name), layout)
+                            return self._hit(Hit(data, tier.name, self.hot.position(key)), layout)
                         continue
                 except _Miss:
                     continue
             scratch = torch.empty(layout.nbytes, dtype=torch.uint8)  # no hot tier, or no room in it
-            if tier.get_into(key, layout, scratch, parallel=parallel):
+            position = tier.get_into(key, layout, scratch, parallel=parallel)
+            if position is not None:
                 self._scratch[key] = scratch
-                return self._hit(Hit(scratch, tier.name), layout)
+                return self._hit(Hit(scratch, tier.name, position), layout)
         return None
 
     def _hit(self, hit: Hit, layout: ChunkLayout) -> Hit:
@@ -164,27 +170,30 @@ class TierStack:
         return hit
 
     @staticmethod
-    def _read(tier: ColdTier, key: bytes, layout: ChunkLayout, buf: torch.Tensor, parallel: bool) -> None:
-        if not tier.get_into(key, layout, buf, parallel=parallel):
+    def _read(tier: ColdTier, key: bytes, layout: ChunkLayout, buf: torch.Tensor, parallel: bool) -> int:
+        position = tier.get_into(key, layout, buf, parallel=parallel)
+        if position is None:
             raise _Miss()
+        return position
 
-    def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]]) -> list[Hit | None]:
-        """get() of every (key, layout); a tier that raises costs that chunk (None, logged).
-        Chunks that come from cold tiers are read and decoded concurrently, each on one
-        core; each cold tier is first asked to fetch, at once, the keys no tier above it
-        holds (ColdTier.reading). Release each one that is not None."""
+    def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]], *, lane: str = "prefix") -> list[Hit | None]:
+        """get() of every (key, layout), promoted into `lane`; a tier that raises costs that
+        chunk (None, logged). Chunks that come from cold tiers are read and decoded
+        concurrently, each on one core; each cold tier is first asked to fetch, at once,
+        the keys no tier above it holds (ColdTier.reading). Release each one that is not
+        None."""
         with contextlib.ExitStack() as batch:
             wanted = [key for key, _ in items if self.hot is None or key not in self.hot]
             for tier in self.cold:  # each cold tier fetches, at once, what the tiers above it lack
                 batch.enter_context(tier.reading(wanted))
                 wanted = [key for key in wanted if key not in tier]
             if not self.cold or len(items) < 2:
-                return [self._get_or_none(key, layout, True) for key, layout in items]
-            return list(_readers().map(lambda item: self._get_or_none(item[0], item[1], False), items))
+                return [self._get_or_none(key, layout, True, lane) for key, layout in items]
+            return list(_readers().map(lambda item: self._get_or_none(item[0], item[1], False, lane), items))
 
-    def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool) -> Hit | None:
+    def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool, lane: str) -> Hit | None:
         try:
-            return self.get(key, layout, parallel=parallel)
+            return self.get(key, layout, parallel=parallel, lane=lane)
         except Exception as e:  # a broken tier is a miss, never data and never a crash
             self._errors.warn("get", "a chunk read failed, counted as a miss: %r", e)
             return None

@@ -19,15 +19,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
-import torch
-
 from ..codec import ChunkLayout
 from .base import Payload
 
 log = logging.getLogger("lmcache_sgl")
 IDLE_SETTLE_S = 0.2  # the server must stay idle this long: a gap between two requests is not idleness
 WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
-Sink = Callable[[list[tuple[bytes, ChunkLayout, torch.Tensor]]], None]
+Sink = Callable[[list[tuple[bytes, ChunkLayout, Payload]]], None]
 
 
 class IdleSignal(threading.Event):
@@ -55,9 +53,10 @@ class AsyncWriter:
         workers: int = 1,
         max_batch: int = 1,
     ) -> None:
-        """sink([(key, layout, tensor), ...]) writes up to `max_batch` chunks whose turn has
-        come, oldest first (it counts its own failures; an exception from it is logged and
-        each chunk counted as a drop). on_drop(reason) is told of every chunk given up."""
+        """sink([(key, layout, payload), ...]) writes up to `max_batch` chunks (bytes and
+        position; the writer releases the payloads) whose turn has come, oldest first (it
+        counts its own failures; an exception from it is logged and each chunk counted as
+        a drop). on_drop(reason) is told of every chunk given up."""
         self.sink, self.name, self.idle, self.max_batch = sink, name, idle, max_batch
         self.max_bytes, self.max_delay_s, self.on_drop = max_bytes, max_delay_s, on_drop
         self._items: deque[_Item] = deque()
@@ -152,7 +151,7 @@ class AsyncWriter:
                 return
             dropped = None
             try:
-                self.sink([(item.key, item.layout, item.payload.tensor) for item in batch])
+                self.sink([(item.key, item.layout, item.payload) for item in batch])
             except Exception:  # a bug must not kill the writer: log it, drop the chunks
                 dropped = "error"
                 log.exception("lmcache-sgl %s writer: a write failed", self.name)
