@@ -16,6 +16,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,11 +24,15 @@ import torch
 from . import ops
 from .codec import ChunkLayout
 from .config import LMCacheConfig
-from .keys import Namespace, chunk_keys, chunk_spans
+from .keys import Chunk, Namespace, chunk_keys, chunk_spans
 from .lograte import RateLimitedLog
 from .metrics import CacheMetrics
+from .segments import SegmentIndex
 from .storage import IdleSignal, build_stack
 from .storage.stack import Hit, Protection
+
+if TYPE_CHECKING:
+    from .sglang.rope import RopeSpec
 
 log = logging.getLogger("lmcache_sgl")
 
@@ -61,13 +66,6 @@ class KVPoolView:
 
     def describe(self) -> str:
         return f"{self.kind}:L{self.num_layers}:" + "x".join(map(str, self.row_shape))
-
-
-@dataclass(frozen=True)
-class Chunk:
-    key: bytes
-    start: int  # first token
-    end: int  # one past the last token
 
 
 MAX_SEEDS = 4096  # (extra_key, cache_salt) pairs whose namespace digests are kept
@@ -107,6 +105,7 @@ class CacheEngine:
         self._seeds: OrderedDict[tuple[str | None, str | None], bytes] = OrderedDict()  # LRU, at most MAX_SEEDS
         self._errors = RateLimitedLog(log, "lmcache-sgl")
         self._closed = False
+        self.segments: SegmentIndex | None = None  # set by start_segments (blending)
         self.paused = False  # while set (e.g. while the weights change), the tiers find and store nothing
 
     def _gauges(self) -> dict[str, dict[str, float]]:
@@ -202,21 +201,30 @@ class CacheEngine:
         """Write the KV of tokens [begin, begin + len(slots)) into `slots` from stored
         chunks. True only if every token was written; on False (a miss, or any failure,
         which is counted and logged, never raised) the slots hold garbage."""
-        started = time.perf_counter()
         end = begin + len(slots)
-        wanted = [c for c in chunks if c.end > begin and c.start < end]
+
+        def part(c: Chunk, hit: Hit, src: torch.Tensor) -> torch.Tensor:
+            lo, hi = max(c.start, begin), min(c.end, end)
+            return src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous()
+
+        return self._load_into([c for c in chunks if c.end > begin and c.start < end], slots, part)
+
+    def _load_into(self, wanted: Sequence[Chunk], slots: torch.Tensor, part, lane: str = "prefix") -> bool:
+        """Fetch every chunk of `wanted` (a chunk promoted from a cold tier goes into the CPU
+        tier's `lane`) and scatter `part(chunk, hit, bytes as [B, n, row])` of each, one
+        after another, into `slots`. False on any miss or failure (counted, logged); the
+        hits are released either way."""
+        started = time.perf_counter()
         hits: list[Hit | None] = []
+        pieces: list[torch.Tensor] = []
         try:
-            hits = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted])
+            hits = self.stack.get_many([(c.key, self.pool.layout(c.end - c.start)) for c in wanted], lane=lane)
             loaded = [hit for hit in hits if hit is not None]
             if len(loaded) < len(hits):
                 self.metrics.inc("failed_loads_total", reason="miss")
                 return False
-            pieces = []
             for c, hit in zip(wanted, loaded, strict=True):
-                lo, hi = max(c.start, begin), min(c.end, end)
-                src = hit.data.view(len(self.pool.buffers), c.end - c.start, -1)
-                pieces.append(src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous())
+                pieces.append(part(c, hit, hit.data.view(len(self.pool.buffers), c.end - c.start, -1)))
             self._scatter(slots, pieces)
         except Exception as e:
             self.metrics.inc("failed_loads_total", reason="error")
@@ -227,12 +235,60 @@ class CacheEngine:
                 if got is not None:
                     self.stack.release(c.key)
         tokens: Counter[str] = Counter()
-        for c, hit in zip(wanted, loaded, strict=True):
-            tokens[hit.tier] += min(c.end, end) - max(c.start, begin)
+        for hit, piece in zip(loaded, pieces, strict=True):
+            tokens[hit.tier] += piece.shape[1]
         for tier, count in tokens.items():
             self.metrics.inc("loaded_tokens_total", count, tier=tier)
         self.metrics.observe("load_seconds", time.perf_counter() - started)
         return True
+
+    # ---- segments (non-prefix reuse) ------------------------------------------------
+    def start_segments(self, separator: Sequence[int] | None) -> None:
+        """Keep and find segments from now on: delimited by the token ids `separator`, or
+        (None) found anywhere by rolling hash (segments.py)."""
+        self.segments = SegmentIndex(self.chunk_size, self.config.blend_min_tokens, separator)
+
+    def find_segments(self, seed: bytes, tokens: np.ndarray, begin: int, end: int) -> list[Chunk]:
+        """The stored segment pieces inside tokens[begin:end], in order (a hint: a later
+        load may still miss). None without start_segments or while paused."""
+        if self.segments is None or self.paused:
+            return []
+        return [c for c in self.segments.candidates(seed, tokens, begin, end) if self.stack.lookup([c.key])]
+
+    def store_segments(self, seed: bytes, tokens: np.ndarray, slots: torch.Tensor, skip: Sequence[Chunk] = ()) -> int:
+        """Store the segment pieces of a computed prompt (slots[t] holds token t) that are
+        not stored yet, except any overlapping a chunk of `skip` (KV that was reused, not
+        computed here). Returns how many were stored; never raises."""
+        if self.segments is None or self.paused:
+            return 0
+        pieces = [
+            c
+            for c in self.segments.storable(seed, tokens)
+            if c.end <= len(slots) and not any(c.start < s.end and s.start < c.end for s in skip)
+        ]
+        stored = self.store(pieces, slots, lane="segment")
+        self.segments.remember(tokens, pieces)
+        return stored
+
+    def load_segments(self, pieces: Sequence[Chunk], slots: torch.Tensor, rope: RopeSpec) -> list[int] | None:
+        """Write the stored KV of each piece into its slots (slots[i] holds the i-th token
+        of the pieces, in order), K rotated from the position it was computed at to the
+        piece's start. Returns each piece's shift (start - stored position), or None
+        (counted, logged, never raised) when any piece was not written."""
+        shifts: list[int] = []
+        lead = (2, self.pool.num_layers)
+
+        def moved(c: Chunk, hit: Hit, src: torch.Tensor) -> torch.Tensor:
+            shift = c.start - hit.position
+            shifts.append(shift)
+            if shift == 0:
+                return src
+            kv = src.clone().view(self.pool.buffers[0].dtype).view(*lead, c.end - c.start, *self.pool.row_shape)
+            cos, sin = ops.rope_angles(shift, rope.inv_freq)
+            ops.rerotate_(kv[0], cos.to(kv.device), sin.to(kv.device), rope.rotary_dim, rope.neox)
+            return kv.view(torch.uint8).view(src.shape)
+
+        return shifts if self._load_into(pieces, slots, moved, lane="segment") else None
 
     def _on_device(self):
         if self.device_stream is None:

@@ -21,6 +21,15 @@ import numpy as np
 KEY_BYTES = 16
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens [start, end) of a prompt, whose KV is stored under `key` if at all."""
+
+    key: bytes
+    start: int  # first token
+    end: int  # one past the last token
+
+
 def _digest(*parts: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=KEY_BYTES)
     for part in parts:

@@ -47,6 +47,11 @@ SERIES: dict[str, Series] = {
     "adapter_failures_total": Series(
         "counter", "reason", "Failures caught at the SGLang boundary (served without the tiers), by where"
     ),
+    "blend_requests_total": Series(
+        "counter", "reason", "Requests offered reused segments: blended, or why they were recomputed instead"
+    ),
+    "blend_reused_tokens_total": Series("counter", None, "Blended tokens whose reused KV was kept"),
+    "blend_recomputed_tokens_total": Series("counter", None, "Blended tokens computed (gaps and picked tokens)"),
     "load_seconds": Series("histogram", None, "Duration of one load into the KV pool"),
     "store_seconds": Series("histogram", None, "Duration of one store from the KV pool"),
     "usage_bytes": Series("gauge", "tier", "Bytes a tier holds"),

@@ -1,6 +1,6 @@
 """Segments: stretches of a prompt whose KV may be stored once and reused at any position.
 
-A segment piece is keyed by its token ids and the namespace only (keys.segment_key), never
+A segment piece (a keys.Chunk) is keyed by its token ids and the namespace only (keys.segment_key), never
 by its position; the tiers record the position its KV was computed at. Two ways to find
 pieces:
 
@@ -20,23 +20,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 
-from .keys import segment_key
+from .keys import Chunk, segment_key
 
 _BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
 _BASE_INVERSE = pow(_BASE, -1, 2**64)
 MAX_SPANS = 1 << 16  # remembered spans (rolling-hash mode); the least recently found go first
-
-
-class Piece(NamedTuple):
-    """Tokens [start, end) of a prompt, whose KV is stored under `key` if at all."""
-
-    key: bytes
-    start: int
-    end: int
 
 
 def window_hashes(tokens: np.ndarray, width: int) -> np.ndarray:
@@ -67,23 +58,23 @@ class SegmentIndex:
         self.separator = None if separator is None else np.asarray(separator, dtype=np.int64)
         self._spans: OrderedDict[int, list[np.ndarray]] = OrderedDict()  # window hash -> remembered spans
 
-    def candidates(self, seed: bytes, tokens: np.ndarray, begin: int, end: int) -> list[Piece]:
+    def candidates(self, seed: bytes, tokens: np.ndarray, begin: int, end: int) -> list[Chunk]:
         """Pieces inside tokens[begin:end] that may be stored, in order, not overlapping."""
         if self.separator is not None:
             return [p for p in self._segment_pieces(seed, tokens) if begin <= p.start and p.end <= end]
         return self._found_spans(seed, tokens, begin, end)
 
-    def storable(self, seed: bytes, tokens: np.ndarray) -> list[Piece]:
+    def storable(self, seed: bytes, tokens: np.ndarray) -> list[Chunk]:
         """Pieces of a computed prompt whose KV may be stored as segments."""
         if self.separator is not None:
             return self._segment_pieces(seed, tokens)
         width = self.chunk_size
         return [
-            Piece(segment_key(seed, tokens[s : s + width]), s, s + width)
+            Chunk(segment_key(seed, tokens[s : s + width]), s, s + width)
             for s in range(0, len(tokens) - width + 1, width)
         ]
 
-    def remember(self, tokens: np.ndarray, pieces: Sequence[Piece]) -> None:
+    def remember(self, tokens: np.ndarray, pieces: Sequence[Chunk]) -> None:
         """Rolling-hash mode: make stored pieces (spans of chunk_size tokens) findable."""
         if self.separator is not None:
             return
@@ -99,7 +90,7 @@ class SegmentIndex:
         while len(self._spans) > self.max_spans:
             self._spans.popitem(last=False)
 
-    def _segment_pieces(self, seed: bytes, tokens: np.ndarray) -> list[Piece]:
+    def _segment_pieces(self, seed: bytes, tokens: np.ndarray) -> list[Chunk]:
         assert self.separator is not None
         tokens = np.asarray(tokens, dtype=np.int64)
         pieces, start, width = [], 0, len(self.separator)
@@ -107,7 +98,7 @@ class SegmentIndex:
             if sep - start >= self.min_tokens:
                 for s in range(start, sep, self.chunk_size):
                     e = min(s + self.chunk_size, sep)
-                    pieces.append(Piece(segment_key(seed, tokens[s:e]), s, e))
+                    pieces.append(Chunk(segment_key(seed, tokens[s:e]), s, e))
             start = sep + width
         return pieces
 
@@ -125,14 +116,14 @@ class SegmentIndex:
                 after = i + width
         return starts
 
-    def _found_spans(self, seed: bytes, tokens: np.ndarray, begin: int, end: int) -> list[Piece]:
+    def _found_spans(self, seed: bytes, tokens: np.ndarray, begin: int, end: int) -> list[Chunk]:
         width = self.chunk_size
         if not self._spans or end - begin < width:
             return []
         window = np.asarray(tokens[begin:end], dtype=np.int64)
         hashes = window_hashes(window, width)
         known = np.fromiter(self._spans.keys(), dtype=np.uint64, count=len(self._spans))
-        pieces: list[Piece] = []
+        pieces: list[Chunk] = []
         after = 0
         for i in np.flatnonzero(np.isin(hashes, known)).tolist():
             if i < after:
@@ -141,6 +132,6 @@ class SegmentIndex:
             span = window[i : i + width]
             if any(np.array_equal(s, span) for s in self._spans[h]):
                 self._spans.move_to_end(h)
-                pieces.append(Piece(segment_key(seed, span), begin + i, begin + i + width))
+                pieces.append(Chunk(segment_key(seed, span), begin + i, begin + i + width))
                 after = i + width
         return pieces

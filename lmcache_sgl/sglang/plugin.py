@@ -17,6 +17,7 @@ import weakref
 from ..config import load_config
 from ..engine import CacheEngine, KVPoolView
 from ..metrics import install_exporter
+from .blending import blending_for
 from .identity import adapter_digest, model_identity
 from .pools import kv_dtype_name, pool_view
 from .shutdown import flush_on_signals
@@ -191,7 +192,7 @@ def build_cache(ctx):
     # Spilling needs each evicted node's tokens; the Rust TreeCore of 0.5.23 does not
     # expose them (node_by_id is not ported), the Python one does.
     ctx.params.tree_core_backend = "python"
-    cache = LMCacheRadixCache(ctx.params, engine)
+    cache = LMCacheRadixCache(ctx.params, engine, blending=blending_for(ctx, config, engine, pool))
     install_exporter(engine.metrics)
     flush_on_signals(engine, config.shutdown_flush_timeout)
     log.info(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
     from ..storage.stack import Protection
+    from .blend import Strategy
+    from .blending import Blending
 
 log = logging.getLogger("lmcache_sgl")
 
@@ -72,7 +74,9 @@ class TPGroup:
 @dataclass
 class _PendingLoad:
     """A request's agreed tier hit: tokens [device_len, hit_len) of `chunks`, for keys of
-    up to `key_len` tokens; the chunks stay protected while `protection` is held."""
+    up to `key_len` tokens; the chunks stay protected while `protection` is held. With
+    blending, the stored segment pieces found after hit_len (protected while
+    `segment_protection` is held) extend the promise to their end."""
 
     chunks: list[Chunk]
     device_len: int
@@ -80,6 +84,15 @@ class _PendingLoad:
     key_len: int
     protection: Protection | None
     slots: torch.Tensor | None = None  # set once loaded
+    segments: list[Chunk] = field(default_factory=list)
+    segment_protection: Protection | None = None
+    tokens: np.ndarray | None = None  # the key's token ids, with segments
+    strategy: Strategy | None = None  # the request's blend strategy, with segments
+    blended: bool = False  # set once blended: approximate KV, never inserted or stored as a prefix
+
+    @property
+    def end(self) -> int:
+        return self.segments[-1].end if self.segments else self.hit_len
 
 
 def _token_array(token_ids) -> np.ndarray:
@@ -87,9 +100,13 @@ def _token_array(token_ids) -> np.ndarray:
 
 
 class LMCacheRadixCache(UnifiedRadixCache):
-    def __init__(self, params: CacheInitParams, engine: CacheEngine, tp: TPGroup | None = None) -> None:
-        """tp: the ranks to agree with; default SGLang's group in `params.tp_cache_group`."""
+    def __init__(
+        self, params: CacheInitParams, engine: CacheEngine, tp: TPGroup | None = None, blending: Blending | None = None
+    ) -> None:
+        """tp: the ranks to agree with; default SGLang's group in `params.tp_cache_group`.
+        blending: non-prefix reuse (enable_blending), at TP 1 only."""
         self.engine = engine
+        self.blending = blending
         self.tp = tp if tp is not None else TPGroup(params.tp_cache_group)
         self._pending: dict[str, _PendingLoad] = {}  # by request id
         self._errors = RateLimitedLog(log, "lmcache-sgl")
@@ -142,9 +159,11 @@ class LMCacheRadixCache(UnifiedRadixCache):
         if pending is None or pending.device_len != device_len or pending.key_len < len(key):
             self._forget(req.rid)
             pending = self._agreed_hit(key, device_len)
+            if self.blending is not None and self.blending.eligible(req):
+                pending = self._with_segments(req, key, device_len, pending)
             if pending is not None:
                 self._pending[req.rid] = pending
-        hit = device_len if pending is None else min(pending.hit_len, len(key))
+        hit = device_len if pending is None else min(pending.end, len(key))
         hit -= hit % self.page_size
         if hit <= device_len:
             return result
@@ -174,6 +193,25 @@ class LMCacheRadixCache(UnifiedRadixCache):
             pending.hit_len = agreed  # chunks past it stay protected until the request is done
         return pending
 
+    def _with_segments(self, req: Req, key, device_len: int, pending: _PendingLoad | None) -> _PendingLoad | None:
+        """`pending` extended by the stored segment pieces after its hit, protected."""
+        assert self.blending is not None
+        begin = device_len if pending is None else pending.hit_len
+        try:
+            tokens = _token_array(key.token_ids).copy()  # kept: a view would pin SGLang's growing array
+            found = self.blending.find(self.engine.seed(key.extra_key, key.cache_salt), tokens, begin, len(key))
+            protection = self.engine.protect(found) if found else None
+        except Exception as e:
+            self._failed("segment_lookup", e)
+            return pending
+        if protection is None:
+            return pending
+        if pending is None:
+            pending = _PendingLoad([], device_len, device_len, len(key), None)
+        pending.segments, pending.segment_protection, pending.tokens = found, protection, tokens
+        pending.strategy = self.blending.strategy_for(req)
+        return pending
+
     def _chunks(self, key) -> list[Chunk]:
         seed = self.engine.seed(key.extra_key, key.cache_salt)
         return self.engine.chunks(seed, _token_array(key.token_ids))
@@ -193,12 +231,14 @@ class LMCacheRadixCache(UnifiedRadixCache):
         return _PendingLoad(needed, device_len, hit, key_len, protection)
 
     def _unprotect(self, pending: _PendingLoad) -> None:
-        handle, pending.protection = pending.protection, None
-        if handle is not None:
-            try:
-                self.engine.unprotect(handle)
-            except Exception as e:
-                self._failed("unprotect", e)
+        handles = (pending.protection, pending.segment_protection)
+        pending.protection = pending.segment_protection = None
+        for handle in handles:
+            if handle is not None:
+                try:
+                    self.engine.unprotect(handle)
+                except Exception as e:
+                    self._failed("unprotect", e)
 
     def _forget(self, rid: str) -> None:
         pending = self._pending.pop(rid, None)
@@ -209,10 +249,10 @@ class LMCacheRadixCache(UnifiedRadixCache):
     def init_load_back(self, params: InitLoadBackParams):
         req, count = params.req, params.host_hit_length
         pending = self._pending.get(req.rid) if req is not None else None
-        if pending is None or pending.slots is not None or not 0 < count <= pending.hit_len - pending.device_len:
+        if pending is None or pending.slots is not None or not 0 < count <= pending.end - pending.device_len:
             return 0, params.best_match_node
         started = time.perf_counter()
-        slots, loaded = self._load(pending, count)
+        slots, loaded = self._load(pending, count, params.best_match_node)
         loaded = self._agree(int(loaded), "load") == 1  # every rank loaded, or none uses its load
         self._unprotect(pending)
         if not loaded:
@@ -220,9 +260,10 @@ class LMCacheRadixCache(UnifiedRadixCache):
             self._pending.pop(req.rid, None)
             self._failed("load", f"{count} tokens for request {req.rid}, recomputed")
             return 0, params.best_match_node
-        pending.slots, pending.hit_len = slots, pending.device_len + count
+        pending.slots, pending.hit_len = slots, min(pending.hit_len, pending.device_len + count)
         log.info(
-            "lmcache-sgl: loaded %d tokens after a device hit of %d for request %s (%.1f ms)",
+            "lmcache-sgl: %s %d tokens after a device hit of %d for request %s (%.1f ms)",
+            "blended" if pending.blended else "loaded",
             count,
             pending.device_len,
             req.rid,
@@ -230,17 +271,38 @@ class LMCacheRadixCache(UnifiedRadixCache):
         )
         return count, params.best_match_node
 
-    def _load(self, pending: _PendingLoad, count: int) -> tuple[torch.Tensor | None, bool]:
-        """Allocate `count` slots and load this rank's tiers into them: (slots or None, success)."""
+    def _load(self, pending: _PendingLoad, count: int, node) -> tuple[torch.Tensor | None, bool]:
+        """Allocate `count` slots and fill them: the prefix chunks from this rank's tiers,
+        then (blending) the segment region after them. (slots or None, success)."""
         allocator, slots = self.token_to_kv_pool_allocator, None
+        prefix = min(count, pending.hit_len - pending.device_len)
         try:
             if allocator.available_size() < count:
                 self.evict(EvictParams(num_tokens=count))
             slots = allocator.alloc(count)
-            return slots, slots is not None and bool(self.engine.load(pending.chunks, pending.device_len, slots))
+            if slots is None:
+                return None, False
+            if prefix and not self.engine.load(pending.chunks, pending.device_len, slots[:prefix]):
+                return slots, False
+            if count > prefix:
+                return slots, self._blend(pending, count, node, slots)
+            return slots, True
         except Exception as e:
             self._failed("load_attempt", e)
             return slots, False
+
+    def _blend(self, pending: _PendingLoad, count: int, node, slots: torch.Tensor) -> bool:
+        """Load the segment pieces that end within the first `count` promised tokens and
+        blend the region after the prefix hit (blending.py)."""
+        assert self.blending is not None and pending.tokens is not None and pending.strategy is not None
+        end = pending.device_len + count
+        pieces = [c for c in pending.segments if c.end <= end]
+        if not pieces:
+            return False
+        path = self.path_device_indices(node)[: pending.device_len].to(torch.int64)
+        context = torch.cat([path.to(slots.device), slots.to(torch.int64)])
+        pending.blended = self.blending.apply(pending.strategy, pending.tokens[:end], context, pending.hit_len, pieces)
+        return pending.blended
 
     def _free(self, slots: torch.Tensor | None) -> None:
         if slots is None:
@@ -265,6 +327,9 @@ class LMCacheRadixCache(UnifiedRadixCache):
     def checkpoint(self, req: Req, *, up_to: int, **kwargs) -> None:
         self._busy()
         pending = self._pending.get(req.rid)
+        if pending is not None and pending.blended:
+            self._checkpoint_blended(req, pending, up_to)
+            return
         if pending is not None and pending.slots is not None:
             self._reuse_stored_tail(req, pending.hit_len, up_to)
         try:
@@ -275,6 +340,27 @@ class LMCacheRadixCache(UnifiedRadixCache):
         pending = self._pending.get(req.rid)
         if pending is not None and pending.slots is not None:
             del self._pending[req.rid]  # the loaded slots are the tree's now
+
+    def _checkpoint_blended(self, req: Req, pending: _PendingLoad, up_to: int) -> None:
+        """Blended KV is approximate: nothing of this request enters the tree or the prefix
+        tiers (as with a disabled tree, only a finished request's components are cleaned
+        up; release frees its slots). The segments it computed itself (not the reused
+        ones) are stored."""
+        try:
+            self._store_segments(req, min(up_to, len(req.origin_input_ids)), skip=pending.segments)
+        except Exception as e:
+            self._failed("segment_store", e)
+        if req.finished():
+            for component in self._components_tuple:
+                component.cleanup_after_caching_req(req, is_finished=True)
+
+    def _store_segments(self, req: Req, limit: int, skip: list[Chunk]) -> None:
+        if self.blending is None or self.disable or req.kv.req_pool_idx is None:
+            return
+        seed = self.engine.seed(req.extra_key, req.cache_salt)
+        tokens = np.asarray(req.full_untruncated_fill_ids[:limit], dtype=np.int64)
+        slots = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :limit].to(torch.int64)
+        self.engine.store_segments(seed, tokens, slots, skip)
 
     def _reuse_stored_tail(self, req: Req, begin: int, up_to: int) -> None:
         """After a device hit, SGLang's checkpoint points the tokens it recomputed past the
@@ -316,6 +402,7 @@ class LMCacheRadixCache(UnifiedRadixCache):
         if chunks:
             slots = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :limit].to(torch.int64)
             self.engine.store(chunks, slots)
+        self._store_segments(req, min(limit, prompt_len), skip=[])
 
     def _evict_device_leaf(self, node_id, tracker):
         try:
