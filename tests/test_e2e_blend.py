@@ -84,3 +84,25 @@ def test_a_model_blending_cannot_serve_is_refused(models, tmp_path):
     with server(models["mla-tiny"], blend_config(tmp_path), tmp_path, "mla") as srv:
         with pytest.raises(ServerError, match="enable_blending does not support model DeepseekV2ForCausalLM"):
             srv.wait_healthy(timeout=240)
+
+
+def test_without_a_separator_stored_spans_are_found_at_any_offset(models, tmp_path):
+    """blend_special_str null: the chunk-aligned spans of a computed prompt are found in a
+    prompt that shifts them by a non-multiple of the chunk size; a request's
+    custom_params.lmcache_blend picks its strategy, and a bad one falls back to the
+    server's, counted."""
+    rng = random.Random(8)
+    body = [rng.randrange(10, 2000) for _ in range(400)]
+    first = [rng.randrange(10, 2000) for _ in range(20)] + body
+    shifted = [rng.randrange(10, 2000) for _ in range(33)] + body + [5, 6, 7]
+    cfg = blend_config(tmp_path, blend_special_str=None)
+    with server(models["tiny"], cfg, tmp_path, "rolling") as srv:
+        srv.wait_healthy()
+        srv.generate(first, max_new_tokens=2)
+        boundary = srv.generate(shifted, max_new_tokens=2, custom_params={"lmcache_blend": {"strategy": "boundary"}})
+        srv.generate(shifted, max_new_tokens=2, custom_params={"lmcache_blend": {"strategy": "nope"}})
+        log = srv.log_path.read_text()
+    assert log.count(BLENDED) == 2
+    assert "lmcache-sgl: blend boundary" in log and "lmcache-sgl: blend cacheblend" in log
+    assert "strategy 'nope' is not one of" in log
+    assert boundary["meta_info"]["cached_tokens"] >= 320  # spans of 64 inside the shifted body

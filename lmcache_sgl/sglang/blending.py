@@ -10,6 +10,7 @@ refuses a model or setting blending cannot serve, naming it.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -64,13 +65,14 @@ class Blending:
         """Blend the region [begin, len(tokens)) of a context whose tokens [0, begin) are in
         the pool: slots[t] holds token t. False (the slots hold garbage) if a piece could
         not be loaded; raises on other failures."""
-        end = len(tokens)
+        end, started = len(tokens), time.perf_counter()
         piece_slots = torch.cat([slots[c.start : c.end] for c in pieces])
         shifts = self.engine.load_segments(pieces, piece_slots, self.rope)
         metrics = self.engine.metrics
         if shifts is None:
             metrics.inc("blend_requests_total", reason="segment_load_failed")
             return False
+        loaded = time.perf_counter()
         reused = torch.zeros(end - begin, dtype=torch.bool)
         for c in pieces:
             reused[c.start - begin : c.end - begin] = True
@@ -84,6 +86,16 @@ class Blending:
         metrics.inc("blend_requests_total", reason="blended")
         metrics.inc("blend_recomputed_tokens_total", computed)
         metrics.inc("blend_reused_tokens_total", max(0, end - begin - computed))
+        log.info(
+            "lmcache-sgl: blend %s of tokens %d..%d: %d reused tokens loaded in %.1f ms, %d computed through the last layer in %.1f ms",
+            strategy.name,
+            begin,
+            end,
+            int(reused.sum()),
+            1e3 * (loaded - started),
+            computed,
+            1e3 * (time.perf_counter() - loaded),
+        )
         return True
 
 
