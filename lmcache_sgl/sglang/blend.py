@@ -38,7 +38,7 @@ from ..config import BLEND_STRATEGIES, LMCacheConfig
 from ..engine import KVPoolView
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-QUERY_BLOCK = 512  # queries per attention call: bounds the [heads, queries, keys] scores
+QUERY_BLOCK = 1024  # queries per masked attention call: bounds the [heads, queries, keys] scores
 
 
 def blendable(model, pool: KVPoolView, tp_size: int, page_size: int) -> str | None:
@@ -181,19 +181,25 @@ class Blender:
 
     @staticmethod
     def _attend(attn, q, positions, k_buf, v_buf, slots) -> torch.Tensor:
-        """Causal attention of the queries (at `positions`) over the context in `slots`."""
+        """Causal attention of the queries (at ascending `positions`) over the context in
+        `slots`: a block of queries reads the keys up to its last position only, and
+        queries at positions 0, 1, ... (no prefix) take one causal call, as SGLang's own
+        extend does."""
         heads, dim = attn.num_heads, attn.head_dim
-        keys = int(positions.max()) + 1
-        k = k_buf[slots[:keys]].transpose(0, 1)  # [kv_heads, keys, dim]
-        v = v_buf[slots[:keys]].transpose(0, 1)
+        keys = int(positions[-1]) + 1
+        k = k_buf[slots[:keys]].transpose(0, 1).to(q.dtype)  # [kv_heads, keys, dim]
+        v = v_buf[slots[:keys]].transpose(0, 1).to(q.dtype)
         key_pos = torch.arange(keys, device=q.device)
         out = torch.empty(len(q), heads * dim, dtype=q.dtype, device=q.device)
-        for lo in range(0, len(q), QUERY_BLOCK):
-            hi = min(lo + QUERY_BLOCK, len(q))
+        block = len(q) if keys == len(q) else QUERY_BLOCK  # keys == len(q): positions 0, 1, ...
+        for lo in range(0, len(q), block):
+            hi = min(lo + block, len(q))
+            last = int(positions[hi - 1]) + 1
             query = q[lo:hi].view(hi - lo, heads, dim).transpose(0, 1)
-            mask = key_pos[None, :] <= positions[lo:hi, None]
+            causal = keys == len(q)
+            mask = None if causal or hi - lo == 1 else key_pos[None, :last] <= positions[lo:hi, None]
             o = F.scaled_dot_product_attention(
-                query, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                query, k[:, :last], v[:, :last], attn_mask=mask, is_causal=causal, scale=attn.scaling, enable_gqa=True
             )
             out[lo:hi] = o.transpose(0, 1).reshape(hi - lo, heads * dim)
         return out
