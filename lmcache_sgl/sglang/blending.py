@@ -87,7 +87,8 @@ class Blending:
         metrics.inc("blend_recomputed_tokens_total", computed)
         metrics.inc("blend_reused_tokens_total", max(0, end - begin - computed))
         log.info(
-            "lmcache-sgl: blend %s of tokens %d..%d: %d reused tokens loaded in %.1f ms, %d computed through the last layer in %.1f ms",
+            "lmcache-sgl: blend %s of tokens %d..%d: %d reused tokens loaded in %.1f ms, "
+            "%d computed through the last layer in %.1f ms",
             strategy.name,
             begin,
             end,
@@ -117,6 +118,11 @@ def blending_for(ctx, config: LMCacheConfig, engine: CacheEngine, pool: KVPoolVi
         separator = _separator_ids(getattr(ctx.tp_worker, "tokenizer", None), config.blend_separator)
     engine.start_segments(separator)
     strategy = Strategy.from_config(config)
+    if strategy.check_layers[-1] >= pool.num_layers:
+        raise ValueError(
+            f"lmcache config key 'blend_check_layers' = {list(strategy.check_layers)}: "
+            f"the model has {pool.num_layers} layers"
+        )
     log.info(
         "lmcache-sgl blending: strategy %s, segments %s",
         strategy,
