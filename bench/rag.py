@@ -50,6 +50,7 @@ near-tie, so prefix-only's agreement with full prefill is the floor of this nois
   accuracy          fraction of queries whose first generated token is the answer
                     (also per question type)
   top1_agreement    fraction of queries whose first greedy token equals full prefill's
+                    (also per question type)
   seq16_agreement   fraction of queries whose 16 greedy tokens all equal full prefill's
   token16_agreement mean over queries of the fraction of the 16 positions whose token
                     equals full prefill's at that position
@@ -417,6 +418,10 @@ def fidelity_part(opts, servers: Servers, progress) -> dict:
         row = {f"accuracy_{k}" if k != "all" else "accuracy": v for k, v in retrieval.accuracy(prompts, firsts).items()}
         pairs = list(zip(o.tokens, full.tokens, strict=True))
         row["top1_agreement"] = float(np.mean([a[0] == b[0] for a, b in pairs]))
+        for t in retrieval.QTYPES:
+            same = [a[0] == b[0] for (a, b), p in zip(pairs, prompts, strict=True) if p.qtype == t]
+            if same:
+                row[f"top1_agreement_{t}"] = float(np.mean(same))
         row["seq16_agreement"] = float(np.mean([a == b for a, b in pairs]))
         row["token16_agreement"] = float(np.mean([np.mean(np.equal(a, b)) for a, b in pairs]))
         divergences = [kl(f, q) for f, q in zip(full.first_logprobs, o.first_logprobs, strict=True)]
@@ -479,8 +484,9 @@ def table(fidelity: dict[str, dict]) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Left: median TTFT per strategy (log scale, ratio to full on each bar). Right:
-    accuracy per fidelity setting, with full prefill's as a line."""
+    """Left: median TTFT per strategy (log scale, ratio to full on each bar, samples as
+    dots). Right: accuracy per fidelity setting (bars, full prefill's as a line) and the
+    top-1 agreement with full prefill (dots)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 3]})
     names = ["full", "prefix_only", "blend", "boundary", "reuse"]
@@ -501,6 +507,9 @@ def plot(result: dict, path: str) -> None:
     acc = [fidelity[s]["accuracy"] for s in settings]
     right.bar(range(len(settings)), acc, color=["tab:gray"] * 2 + ["tab:blue"] * (len(settings) - 2), alpha=0.7)
     right.axhline(fidelity["full"]["accuracy"], color="tab:gray", linestyle="--", linewidth=1)
+    agree = [fidelity[s].get("top1_agreement") for s in settings]
+    right.plot(range(len(settings)), agree, "o", color="tab:red", label="top-1 agreement with full prefill")
+    right.legend(loc="lower right", fontsize=8)
     for i in range(len(settings)):
         right.text(i, acc[i], f"{acc[i]:.2f}", ha="center", va="bottom", fontsize=8)
     right.set_xticks(range(len(settings)), [s.replace("_", " ") for s in settings], rotation=30, ha="right")
