@@ -9,12 +9,13 @@ from the pool, so the prefix before `begin` must already be there.
 
 Strategies (config `blend_strategy`):
   reuse       only the gaps are computed (recompute ratio 0);
-  cacheblend  every token is computed through the last of `blend_check_layers`; there
+  cacheblend  every token is computed up to the K/V projection of the last of
+              `blend_check_layers` (whose fresh K/V all replace the loaded ones); there
               the tokens whose fresh K/V deviate most from the loaded K/V (squared error
               summed over the check layers) are picked, `blend_recompute_ratios` of the
-              reused tokens, and only they (and the gaps) go on through the later
-              layers (CacheBlend, EuroSys 2025). A ratio of 1.0 computes everything: a
-              full prefill of the region;
+              reused tokens, and only they (and the gaps) go on through that layer's
+              attention and MLP and the later layers (CacheBlend, EuroSys 2025). A ratio
+              of 1.0 computes everything: a full prefill of the region;
   boundary    the first `blend_boundary_tokens` tokens of each run of reused KV that was
               computed contiguously (and the gaps) are computed at every layer (EPIC).
 
@@ -137,12 +138,15 @@ class Blender:
             if not len(active):
                 break
             checking = strategy.name == "cacheblend" and index in strategy.check_layers
-            hidden, error = self._layer(layer, index, hidden, slots, begin, active, reused, checking)
-            if error is not None:
-                deviation[active] += error
+            pick = None
             if index == full_until:
-                keep = self._picked(strategy.ratio, deviation, reused, always)
-                hidden, active = hidden[keep[active].to(device)], keep.nonzero().flatten()
+
+                def pick(deviation: torch.Tensor) -> torch.Tensor:
+                    return self._picked(strategy.ratio, deviation, reused, always)
+
+            hidden, active = self._layer(
+                layer, index, hidden, slots, begin, active, reused, deviation if checking else None, pick
+            )
         return len(active)
 
     @staticmethod
@@ -155,10 +159,13 @@ class Blender:
             keep[torch.topk(scores, count).indices] = True
         return keep
 
-    def _layer(self, layer, index: int, hidden, slots, begin: int, active, reused, checking: bool):
-        """One decoder layer for the `active` region tokens: writes their K/V into the pool
-        and returns their output hidden states (and, when `checking`, the squared error
-        of their fresh K/V against the loaded K/V, zero for gaps)."""
+    def _layer(self, layer, index: int, hidden, slots, begin: int, active, reused, deviation, pick):
+        """One decoder layer for the `active` region tokens: their K/V go into the pool.
+        With `deviation` (a check layer) the squared error of their fresh K/V against the
+        loaded K/V (0 for gaps) is added to it; `pick` (the last check layer) then names
+        the region tokens that go on, and only they run this layer's attention and MLP
+        (K/V need no more than the projection). Returns the hidden states and positions
+        (region offsets) of the tokens that go on."""
         attn = layer.self_attn
         k_buf, v_buf = self.pool.buffers[index], self.pool.buffers[self.pool.num_layers + index]
         positions = (active + begin).to(hidden.device)
@@ -168,16 +175,21 @@ class Blender:
         k = k.reshape(len(active), *k_buf.shape[1:]).to(k_buf.dtype)
         v = v.reshape(len(active), *v_buf.shape[1:]).to(v_buf.dtype)
         where = slots[begin + active.to(slots.device)]
-        error = None
-        if checking:
+        if deviation is not None:
             old_k, old_v = k_buf[where].float(), v_buf[where].float()
             error = ((k.float() - old_k) ** 2).sum((1, 2)) + ((v.float() - old_v) ** 2).sum((1, 2))
-            error = torch.where(reused[active].to(error.device), error, torch.zeros_like(error)).cpu()
+            deviation[active] += torch.where(reused[active].to(error.device), error, torch.zeros_like(error)).cpu()
         k_buf[where], v_buf[where] = k, v
+        if pick is not None:
+            rows = pick(deviation)[active]
+            device_rows = rows.to(hidden.device)
+            q, hidden, positions, active = q[device_rows], hidden[device_rows], positions[device_rows], active[rows]
+            if not len(active):
+                return hidden, active
         out = self._attend(attn, q, positions, k_buf, v_buf, slots)
         o, _ = attn.o_proj(out)
         hidden = hidden + o
-        return hidden + layer.mlp(layer.post_attention_layernorm.forward_native(hidden)), error
+        return hidden + layer.mlp(layer.post_attention_layernorm.forward_native(hidden)), active
 
     @staticmethod
     def _attend(attn, q, positions, k_buf, v_buf, slots) -> torch.Tensor:
