@@ -6,10 +6,15 @@ Everything written is a pure function of (preset, seed): the same call writes th
 bytes. Outputs are gibberish, but deterministic.
 
     make_model("/tmp/m", "small", seed=0)   # -> Path; skipped if already complete
+
+Trained presets (:data:`TRAINED`) are committed directories copied as they are (the seed
+is not used): ``make_model("/tmp/r", "retrieval")`` is the small model trained on the
+task of :mod:`lmcache_sgl.retrieval` (``scripts/train_retrieval.py`` rebuilds it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -91,6 +96,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
+
+
+#: Trained models committed in the package, copied by make_model (not random weights).
+TRAINED: dict[str, Path] = {"retrieval": Path(__file__).resolve().parent / "data" / "retrieval"}
 
 
 # ---------------------------------------------------------------- tokenizer corpus
@@ -275,6 +284,18 @@ def _init_weights(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
 
+def _write_random(directory: Path, preset: str, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer(PRESETS[preset]["vocab_size"], seed)
+    config = build_config(preset, tok)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _init_weights(model, seed)
+    model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+
+
 def is_complete(path: str | os.PathLike, preset: str, seed: int) -> bool:
     try:
         info = json.loads((Path(path) / MARKER).read_text())
@@ -286,35 +307,34 @@ def is_complete(path: str | os.PathLike, preset: str, seed: int) -> bool:
 
 
 def _marker(preset: str, seed: int) -> dict:
+    if preset in TRAINED:  # a copy: stale once the committed weights change
+        digest = hashlib.sha256((TRAINED[preset] / "model.safetensors").read_bytes()).hexdigest()
+        return {"preset": preset, "model_sha256": digest, "format_version": FORMAT_VERSION}
     return {"preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
 
 
 def make_model(path: str | os.PathLike, preset: str = "tiny", seed: int = 0, force: bool = False) -> Path:
     """Write a random-weight model of ``preset`` to ``path`` (skipped when ``path``
-    already holds that preset and seed). The directory is built in a temporary sibling
-    and renamed into place, so a crash never leaves a half-written model behind."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    already holds that preset and seed), or copy a :data:`TRAINED` one there (``seed``
+    unused). The directory is built in a temporary sibling and renamed into place, so a
+    crash never leaves a half-written model behind."""
+    if preset not in PRESETS and preset not in TRAINED:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS) + sorted(TRAINED)}")
     path = Path(path)
     if not force and is_complete(path, preset, seed):
         return path
     if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
         raise FileExistsError(f"{path} exists and is not a model written by lmcache-sgl; not overwriting it")
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tok = build_tokenizer(PRESETS[preset]["vocab_size"], seed)
-    config = build_config(preset, tok)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _init_weights(model, seed)
-    model = model.to(torch.bfloat16)
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        if preset in TRAINED:
+            for f in sorted(TRAINED[preset].iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    shutil.copyfile(f, tmp / f.name)
+        else:
+            _write_random(tmp, preset, seed)
         (tmp / MARKER).write_text(json.dumps(_marker(preset, seed), indent=1) + "\n")
         for f in tmp.iterdir():
             f.chmod(0o644)
