@@ -43,6 +43,12 @@ prompt and, for some queries, of a first document), and on ours, after a warm-up
 stored every document of the test pool (16 prompts of 4 documents) and a flush, each
 query blended with no device hit (checked as above): cacheblend at 0, 0.05, 0.15, 0.3,
 1.0, boundary at 4, 16, 64, and reuse (--quick: reuse, cacheblend 0.15, boundary 16).
+cacheblend's check layers are the server's default [1] on models of more than 2 layers.
+The retrieval model has 2: there layer 1 is the last layer, and every token's K/V is
+recomputed at both layers whatever the ratio (layer 1's K/V need only layer 0's output),
+so the ratios use [0], and `cacheblend_0.15_checklayer1` (the default [1]) is measured
+too. Layer 0's K/V depend on the token and its position only, so the deviation at [0]
+is rounding noise: the recomputed tokens are an arbitrary share, not CacheBlend's pick.
 Requests go --concurrency at a time (SGLang batches them: on a CPU a decode step's fixed
 cost dominates); batch composition moves bf16 logprobs by up to ~1e-2, which can flip a
 near-tie, so prefix-only's agreement with full prefill is the floor of this noise. Per setting:
@@ -114,6 +120,25 @@ SETTINGS = {
     **{f"cacheblend_{r:g}": {"strategy": "cacheblend", "recompute_ratio": r} for r in (0.0, 0.05, 0.15, 0.3, 1.0)},
     **{f"boundary_{k}": {"strategy": "boundary", "boundary_tokens": k} for k in (4, 16, 64)},
 }
+LAYER1 = "cacheblend_0.15_checklayer1"  # fidelity on a 2-layer model: the server's check layers [1]
+
+
+def fidelity_settings(layers: int) -> tuple[dict[str, dict], list[int]]:
+    """The fidelity settings for a model of `layers` layers, and cacheblend's check
+    layers there. A check layer must leave a layer after it: with [1] on 2 layers every
+    token's K/V is fresh at both layers (layer 1's K/V need only layer 0's output), so
+    every ratio would be a full recompute; there [0] is used (all ratios), and LAYER1
+    (the server's default [1], at 0.15) is measured too."""
+    check = [1] if layers > 2 else [0]
+    out = {
+        name: {**blend, "check_layers": check} if blend["strategy"] == "cacheblend" else blend
+        for name, blend in SETTINGS.items()
+    }
+    if check != [1]:
+        out[LAYER1] = {"strategy": "cacheblend", "recompute_ratio": 0.15, "check_layers": [1]}
+    return out, check
+
+
 TARGETS = {"blend_ttft_ratio": 0.45, "boundary_ttft_ratio": 0.15, "reuse_ttft_ratio": 0.1}
 
 
@@ -359,11 +384,14 @@ def warmup_prompts() -> list[retrieval.Prompt]:
 def fidelity_part(opts, servers: Servers, progress) -> dict:
     model = retrieval_model(opts.retrieval_model)
     with open(os.path.join(model, "config.json")) as f:
-        vocab = json.load(f)["vocab_size"]
+        config = json.load(f)
+    vocab = config["vocab_size"]
     n = opts.fidelity_queries or (100 if opts.quick else 400)
     prompts = retrieval.sample_prompts(n, "test")
     warm = warmup_prompts()
-    settings = [DEFAULT[k] for k in ("reuse", "blend", "boundary")] if opts.quick else list(SETTINGS)
+    layers = config["num_hidden_layers"]
+    overrides, check = fidelity_settings(layers)
+    settings = [k for k in overrides if not opts.quick or k in DEFAULT.values() or k == LAYER1]
     outcomes: dict[str, Outcome] = {}
     blend_ms: dict[str, list[float]] = {}
 
@@ -402,7 +430,7 @@ def fidelity_part(opts, servers: Servers, progress) -> dict:
         generate(ours, p.input_ids, 1)
     ours.flush_cache()  # the tree empty: no query has a device hit, every document is blended
     for name in settings:
-        replies = ask_all(ours, name, SETTINGS[name])
+        replies = ask_all(ours, name, overrides[name])
         lines = blend_lines(ours)
         for p, reply in zip(prompts, replies, strict=True):
             docs = sum(e - s for s, e in p.doc_spans)
@@ -448,6 +476,8 @@ def fidelity_part(opts, servers: Servers, progress) -> dict:
         "reuse_first_token_kl": reuse["first_token_kl"],
         "prefix_only_top1_agreement": per_setting["prefix_only"]["top1_agreement"],
         "fidelity_queries": n,
+        "fidelity_model_layers": layers,
+        "fidelity_check_layers": check,
         "fidelity": per_setting,
     }
 
@@ -545,9 +575,7 @@ def main() -> None:
     parser.add_argument("--skip-ttft", action="store_true", help="only the fidelity part")
     parser.add_argument("--skip-fidelity", action="store_true", help="only the TTFT part")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
-    parser.add_argument(
-        "--png", default=os.path.join(OUT, "rag.png"), help="figure of the full run (default: %(default)s)"
-    )
+    parser.add_argument("--png", default=os.path.join(OUT, "rag.png"), help="the figure (default: %(default)s)")
     opts = parser.parse_args()
 
     os.makedirs(OUT, exist_ok=True)
