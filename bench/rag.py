@@ -361,10 +361,13 @@ def kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
 
 
 def retrieval_model(path: str | None) -> str:
-    path = path or str(retrieval.MODEL_DIR)
+    """`path`, or a copy of the committed retrieval model (make_model's "retrieval"
+    preset), so retraining it in place cannot change a running benchmark's weights."""
+    if path is None:
+        path = str(make_model(default_model_dir("retrieval", 0), "retrieval"))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"no retrieval model at {path}; build it: .venv/bin/python scripts/train_retrieval.py")
-    return str(path)
+    return path
 
 
 def warmup_prompts() -> list[retrieval.Prompt]:
@@ -515,37 +518,46 @@ def table(fidelity: dict[str, dict]) -> str:
 
 def plot(result: dict, path: str) -> None:
     """Left: median TTFT per strategy (log scale, ratio to full on each bar, samples as
-    dots). Right: accuracy per fidelity setting (bars, full prefill's as a line) and the
-    top-1 agreement with full prefill (dots)."""
+    dots). Middle: answer accuracy per fidelity setting (bars, full prefill's as a line)
+    and the top-1 agreement with full prefill (dots), on an axis zoomed to the values.
+    Right: mean first-token KL(full || setting) per setting (log scale)."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 3]})
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [2, 3, 3]})
     names = ["full", "prefix_only", "blend", "boundary", "reuse"]
     labels = ["full", "prefix only", "cacheblend 0.15", "boundary 16", "reuse"]
     values = [result[f"{n}_ttft_s"] for n in names]
     colors = ["tab:gray", "tab:gray", "tab:blue", "tab:blue", "tab:blue"]
     left.bar(range(len(names)), values, color=colors, alpha=0.7)
     for i, n in enumerate(names):
-        for s in result["ttft_samples_s"][n]:
-            left.scatter(i, s, color="black", s=8, zorder=3)
-        left.text(i, values[i], f"{values[i] / values[0]:.2f}x", ha="center", va="bottom")
-    left.set_xticks(range(len(names)), labels, rotation=20, ha="right")
+        left.scatter([i] * len(result["ttft_samples_s"][n]), result["ttft_samples_s"][n], color="black", s=8, zorder=3)
+        left.annotate(
+            f"{values[i] / values[0]:.2f}x", (i, values[i]), textcoords="offset points", xytext=(0, 6), ha="center"
+        )
+    left.set_xticks(range(len(names)), labels, rotation=25, ha="right")
     left.set_yscale("log")
+    left.set_ylim(top=max(values) * 2)
     left.set_ylabel("TTFT (s)")
     left.set_title(f"TTFT, {result['ttft_prompt_tokens']}-token prompts (small model)")
     fidelity = result["fidelity"]
     settings = list(fidelity)
+    ticks = [s.replace("_", " ") for s in settings]
+    colors = ["tab:gray"] * 2 + ["tab:blue"] * (len(settings) - 2)
     acc = [fidelity[s]["accuracy"] for s in settings]
-    right.bar(range(len(settings)), acc, color=["tab:gray"] * 2 + ["tab:blue"] * (len(settings) - 2), alpha=0.7)
-    right.axhline(fidelity["full"]["accuracy"], color="tab:gray", linestyle="--", linewidth=1)
-    agree = [fidelity[s].get("top1_agreement") for s in settings]
-    right.plot(range(len(settings)), agree, "o", color="tab:red", label="top-1 agreement with full prefill")
-    right.legend(loc="lower right", fontsize=8)
-    for i in range(len(settings)):
-        right.text(i, acc[i], f"{acc[i]:.2f}", ha="center", va="bottom", fontsize=8)
-    right.set_xticks(range(len(settings)), [s.replace("_", " ") for s in settings], rotation=30, ha="right")
-    right.set_ylim(0, 1.05)
-    right.set_ylabel("answer accuracy")
-    right.set_title(f"retrieval model, {result['fidelity_queries']} test prompts")
+    agree = [fidelity[s]["top1_agreement"] for s in settings]
+    middle.bar(range(len(settings)), acc, color=colors, alpha=0.7, label="accuracy")
+    middle.axhline(fidelity["full"]["accuracy"], color="tab:gray", linestyle="--", linewidth=1)
+    middle.plot(range(len(settings)), agree, "o", color="tab:red", label="top-1 agreement with full prefill")
+    middle.set_ylim(max(0.0, min(acc + agree) - 0.05), 1.005)
+    middle.set_xticks(range(len(settings)), ticks, rotation=35, ha="right")
+    middle.set_ylabel("fraction of queries")
+    middle.set_title(f"retrieval model, {result['fidelity_queries']} test prompts")
+    middle.legend(loc="lower right", fontsize=8)
+    kls = [fidelity[s]["first_token_kl"] for s in settings[1:]]
+    right.bar(range(len(kls)), [max(k, 1e-7) for k in kls], color=colors[1:], alpha=0.7)
+    right.set_yscale("log")
+    right.set_xticks(range(len(kls)), ticks[1:], rotation=35, ha="right")
+    right.set_ylabel("mean KL(full || setting), nats")
+    right.set_title("first-token distribution")
     save(fig, path)
 
 
@@ -571,7 +583,7 @@ def main() -> None:
     )
     parser.add_argument("--cpu-gb", type=float, default=1.0, help="ours' CPU tier for TTFT, GB (default: %(default)s)")
     parser.add_argument("--model-dir", default=None, help="TTFT model (default: the built-in small model)")
-    parser.add_argument("--retrieval-model", default=None, help="fidelity model (default: retrieval.MODEL_DIR)")
+    parser.add_argument("--retrieval-model", default=None, help="fidelity model (default: a copy of the committed one)")
     parser.add_argument("--skip-ttft", action="store_true", help="only the fidelity part")
     parser.add_argument("--skip-fidelity", action="store_true", help="only the TTFT part")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
