@@ -58,9 +58,14 @@ def read(t: RedisTier, i: int) -> torch.Tensor | None:
 
 
 def count_round_trips(monkeypatch) -> list:
+    """The number of commands of each exchange with a server (run()'s pipeline, or get()'s
+    pipelined GETs), in order."""
     calls = []
-    real = redis_module._Server.run
-    monkeypatch.setattr(redis_module._Server, "run", lambda self, cmds: calls.append(len(cmds)) or real(self, cmds))
+    for name in ("run", "get"):
+        real = getattr(redis_module._Server, name)
+        monkeypatch.setattr(
+            redis_module._Server, name, lambda self, batch, real=real: calls.append(len(batch)) or real(self, batch)
+        )
     return calls
 
 

@@ -50,6 +50,7 @@ from ..config import REMOTE_SCHEMES as SCHEMES
 from ..lograte import RateLimitedLog
 from ..metrics import CacheMetrics
 from .base import Held, Payload
+from .resp import get_values
 from .writer import AsyncWriter, IdleSignal
 
 log = logging.getLogger("lmcache_sgl")
@@ -88,15 +89,24 @@ class _Server:
     def run(self, commands: Sequence[tuple]) -> list | None:
         """The replies of `commands` sent as one pipeline (a reply may be an exception
         for that command); None, at once, while backing off, or if the server failed."""
-        if not commands:
-            return []
-        if not self.up:
-            return None
-        try:
+
+        def pipeline() -> list:
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
-            replies = pipe.execute(raise_on_error=False)
+            return pipe.execute(raise_on_error=False)
+
+        return self._call(pipeline) if commands else []
+
+    def get(self, rkeys: Sequence[bytes]) -> list | None:
+        """run() of one GET per key, the values read straight into arrays (resp.py)."""
+        return self._call(lambda: get_values(self.client, rkeys)) if rkeys else []
+
+    def _call(self, exchange) -> list | None:
+        if not self.up:
+            return None
+        try:
+            replies = exchange()
         except Exception as e:  # refused, reset, timed out, TLS or AUTH refused: never raised to the caller
             self._failed(e)
             return None
@@ -188,8 +198,12 @@ class RedisTier:
         """`command` (EXISTS or GET) for each key, one pipeline per server; None for a
         key whose server failed or answered an error."""
         out: list = [None] * len(keys)
-        for server, idx in self._route.group([self._rkey(k) for k in keys]):
-            replies = server.run([(command, self._rkey(keys[i])) for i in idx]) if server is not None else None
+        all_rkeys = [self._rkey(k) for k in keys]
+        for server, idx in self._route.group(all_rkeys):
+            if server is None:
+                continue
+            rkeys = [all_rkeys[i] for i in idx]
+            replies = server.get(rkeys) if command == "GET" else server.run([(command, k) for k in rkeys])
             if replies is None:
                 continue
             for i, reply in zip(idx, replies, strict=False):  # a reply missing stays None: a miss
@@ -383,6 +397,7 @@ class _Routing:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             health_check_interval=0,
+            protocol=2,  # RESP2, which resp.get_values parses (redis-py 8 defaults to RESP3)
             retry=Retry(NoBackoff(), 1, (redis.ConnectionError,)),  # a stale pooled socket: reconnect once
         )
         if parts.scheme.startswith("rediss"):
