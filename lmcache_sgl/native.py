@@ -2,10 +2,11 @@
 so that the codec's per-block work runs on every core at once.
 
 The xxhash module holds the GIL while it hashes (measured: two threads hash no faster
-than one), and zstandard's stream reader pays per-call object overhead. XXH3_64bits comes
-from the installed xxhash module's own shared object, which its import has loaded and
-which exports it; ZSTD_decompressDCtx from the system's libzstd (Debian's libzstd1, which
-dpkg itself needs; every zstd 1.x decodes every 1.x frame). Where either is missing, the
+than one), and zstandard's stream reader pays per-call object overhead. XXH3_64bits
+(its dispatching entry where there is one) comes from the installed xxhash module's own
+shared object, which its import has loaded and which exports it; ZSTD_decompressDCtx
+from the system's libzstd (Debian's libzstd1, which dpkg itself needs; every zstd 1.x
+decodes every 1.x frame). Where either is missing, the
 xxhash and zstandard modules' Python APIs are used instead, with the same results;
 `HAVE_NATIVE_HASH` and `HAVE_NATIVE_ZSTD` say which path runs.
 
@@ -42,7 +43,11 @@ def _bind(path: str | None, name: str, args: list, restype):
     return fn
 
 
-_XXH3 = _bind(getattr(getattr(xxhash, "_xxhash", None), "__file__", None), "XXH3_64bits", [_P, _SIZE], ctypes.c_uint64)
+_XXHASH_SO = getattr(getattr(xxhash, "_xxhash", None), "__file__", None)
+# The dispatching entry (x86 builds) picks the widest vector unit, as the module's own calls do.
+_XXH3 = _bind(_XXHASH_SO, "XXH3_64bits_dispatch", [_P, _SIZE], ctypes.c_uint64) or _bind(
+    _XXHASH_SO, "XXH3_64bits", [_P, _SIZE], ctypes.c_uint64
+)
 _LIBZSTD = ctypes.util.find_library("zstd")
 _CREATE_DCTX = _bind(_LIBZSTD, "ZSTD_createDCtx", [], _P)
 _DECOMPRESS = _bind(_LIBZSTD, "ZSTD_decompressDCtx", [_P, _P, _SIZE, _P, _SIZE], _SIZE)
