@@ -3,7 +3,9 @@ free loopback ports, each in its own temporary directory, always stopped by a fi
 
 Use the fixtures `redis_server` (one fresh server per test) and `redis_factory` (call it
 for as many servers, with extra redis-server arguments, as a test needs); a `RedisServer`
-can be killed, paused (SIGSTOP), resumed and restarted on the same port.
+can be killed, paused (SIGSTOP), resumed and restarted on the same port. Both fixtures
+run each test once with redis-server and once with valkey-server (the fork, same
+arguments and protocol); the valkey run is skipped where valkey-server is not installed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
+SERVERS = {"redis-server": REDIS_SERVER, "valkey-server": shutil.which("valkey-server")}
 
 
 def free_port(bus: bool = False) -> int:
@@ -41,10 +44,11 @@ def free_port(bus: bool = False) -> int:
 
 
 class RedisServer:
-    """One redis-server on 127.0.0.1 (no persistence, no protected mode)."""
+    """One redis-server (or `binary`, e.g. valkey-server) on 127.0.0.1 (no persistence,
+    no protected mode)."""
 
-    def __init__(self, args: tuple[str, ...] = (), *, tls: bool = False) -> None:
-        self.args, self.tls = tuple(args), tls
+    def __init__(self, args: tuple[str, ...] = (), *, tls: bool = False, binary: str | None = REDIS_SERVER) -> None:
+        self.args, self.tls, self.binary = tuple(args), tls, binary
         self.dir = tempfile.mkdtemp(prefix="lmcsgl-redis-")
         self.port = free_port(bus="--cluster-enabled" in args)
         self.proc: subprocess.Popen | None = None
@@ -57,7 +61,7 @@ class RedisServer:
     def start(self, wait: bool = True) -> None:
         port_args = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--protected-mode", "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -129,14 +133,17 @@ def start_cluster(masters: int, factory) -> list[RedisServer]:
     raise TimeoutError("the cluster did not reach cluster_state:ok")
 
 
-@pytest.fixture
-def redis_factory():
-    if REDIS_SERVER is None:
+@pytest.fixture(params=list(SERVERS))
+def redis_factory(request):
+    binary = SERVERS[request.param]
+    if binary is None and request.param == "valkey-server":
+        pytest.skip("valkey-server is not installed (.ci/run installs it from bookworm-backports)")
+    if binary is None:
         pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
     servers: list[RedisServer] = []
 
     def make(*args: str, tls: bool = False) -> RedisServer:
-        server = RedisServer(args, tls=tls)
+        server = RedisServer(args, tls=tls, binary=binary)
         servers.append(server)
         return server
 
