@@ -116,21 +116,32 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_cluster(masters: int, factory) -> list[RedisServer]:
+def start_cluster(masters: int, factory, tls: tuple[str, str, str] | None = None) -> list[RedisServer]:
     """`masters` redis-servers joined into a cluster (no replicas; a master's loss
-    leaves the other slots served: cluster-require-full-coverage no)."""
+    leaves the other slots served: cluster-require-full-coverage no). `tls`: the (CA,
+    certificate, key) PEM files: clients, the cluster bus and redis-cli then use TLS
+    only (see tls_client_kwargs)."""
+    extra = () if tls is None else ("--tls-ca-cert-file", tls[0], "--tls-cert-file", tls[1], "--tls-key-file", tls[2],
+                                    "--tls-cluster", "yes")
     nodes = [factory("--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                     "--cluster-require-full-coverage", "no") for _ in range(masters)]
+                     "--cluster-require-full-coverage", "no", *extra, tls=tls is not None) for _ in range(masters)]
+    cli_tls = [] if tls is None else ["--tls", "--cacert", tls[0], "--cert", tls[1], "--key", tls[2]]
     subprocess.run(
-        [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
-         "--cluster-yes"], check=True, capture_output=True, timeout=30,
+        [REDIS_CLI, *cli_tls, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas",
+         "0", "--cluster-yes"], check=True, capture_output=True, timeout=30,
     )
+    kwargs = tls_client_kwargs(tls)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in nodes):
+        if all(b"cluster_state:ok" in n.client(**kwargs).execute_command("CLUSTER", "INFO") for n in nodes):
             return nodes
         time.sleep(0.1)
     raise TimeoutError("the cluster did not reach cluster_state:ok")
+
+
+def tls_client_kwargs(tls: tuple[str, str, str] | None) -> dict:
+    """RedisServer.client() arguments for a server started with the (CA, cert, key) `tls`."""
+    return {} if tls is None else {"ssl": True, "ssl_ca_certs": tls[0], "ssl_certfile": tls[1], "ssl_keyfile": tls[2]}
 
 
 @pytest.fixture(params=list(SERVERS))

@@ -42,7 +42,7 @@ import redis
 import torch
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ClusterError
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
 from ..codec import ChunkLayout, FrameError, decode_into, encode
@@ -60,7 +60,8 @@ BACKOFF_S, MAX_BACKOFF_S = 0.25, 5.0
 KNOWN_KEYS = 1 << 16  # keys remembered as present (a hint for contains/protect), LRU
 USAGE_REFRESH_S = 5.0
 WRITE_BATCH = 16  # chunks whose SETs share one pipeline
-_FAILURES = (redis.ConnectionError, redis.TimeoutError, ClusterError, OSError)
+# RedisClusterException (no startup node reachable, a slot no master covers) is no RedisError.
+_FAILURES = (redis.ConnectionError, redis.TimeoutError, ClusterError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True)
@@ -459,7 +460,7 @@ class _Routing:
             return None
         try:
             return self._node_server(rc, rc.get_node_from_key(rkey))
-        except redis.RedisError:  # a slot no master covers
+        except (*_FAILURES, redis.RedisError):  # a slot no master covers
             return None
 
     def group(self, rkeys: Sequence[bytes]) -> list[tuple[_Server | None, list[int]]]:
