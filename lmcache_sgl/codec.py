@@ -116,6 +116,7 @@ class ChunkLayout:
         return math.prod(self.shape) * self.itemsize
 
 
+_WORKERS = os.cpu_count() or 1
 _pool: ThreadPoolExecutor | None = None
 _local = threading.local()
 
@@ -123,7 +124,7 @@ _local = threading.local()
 def _workers() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lmcsgl-codec")
+        _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="lmcsgl-codec")
     return _pool
 
 
@@ -333,12 +334,13 @@ def decode_into(frame, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, pa
     targets = _targets(out, info, layout.nbytes)
     offsets = info.offsets()
 
-    def one(i: int) -> None:
-        block = view[offsets[i] : offsets[i] + info.sizes[i]]
-        _check_block(block, info.digests[i])
-        _decode_block(codec, block, layout.itemsize, targets[i])
+    def blocks(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            block = view[offsets[i] : offsets[i] + info.sizes[i]]
+            _check_block(block, info.digests[i])
+            _decode_block(codec, block, layout.itemsize, targets[i])
 
-    _run(one, nblocks, parallel)
+    _run(blocks, nblocks, parallel)
     return header.position
 
 
@@ -363,30 +365,44 @@ def read_into(
     targets = _targets(out, info, layout.nbytes)
     offsets = info.offsets()
 
-    def one(i: int) -> None:
-        size = info.sizes[i]
-        buf = targets[i] if codec == CODECS["raw"] else _scratch("stored", size)[:size]
-        view = memoryview(buf.numpy())
-        _preadv_exact(fd, view, offsets[i])
-        _check_block(view, info.digests[i])
-        if codec != CODECS["raw"]:
+    def raw_blocks(lo: int, hi: int) -> None:  # consecutive in the file and in `out`: one read
+        if lo < hi:
+            _preadv_exact(
+                fd,
+                memoryview(out.reshape(-1).view(torch.uint8)[lo * block_bytes : hi * block_bytes].numpy()),
+                offsets[lo],
+            )
+        for i in range(lo, hi):
+            _check_block(targets[i].numpy(), info.digests[i])
+
+    def zstd_blocks(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            size = info.sizes[i]
+            view = memoryview(_scratch("stored", size)[:size].numpy())
+            _preadv_exact(fd, view, offsets[i])
+            _check_block(view, info.digests[i])
             _decompress_into(view, layout.itemsize, targets[i])
 
-    _run(one, nblocks, parallel)
+    _run(raw_blocks if codec == CODECS["raw"] else zstd_blocks, nblocks, parallel)
     return header.position
 
 
 def _decode_block(codec: int, block: memoryview, elem: int, out: torch.Tensor) -> None:
     if codec == CODECS["raw"]:
-        out.copy_(_as_bytes_tensor(block))
+        native.copy_into(out.numpy(), block)  # not torch's copy_, whose threads a worker thread must not start
     else:
         _decompress_into(block, elem, out)
 
 
 def _run(fn, count: int, parallel: bool) -> None:
-    """fn(i) for i in range(count): on every core when `parallel` (the first error is raised)."""
-    runner = _workers().map if parallel and count > 1 else map
-    list(runner(fn, range(count)))
+    """fn(lo, hi) over [0, count) cut into one contiguous range per core when `parallel`,
+    else in one call on this thread (the first error is raised)."""
+    workers = min(count, _WORKERS) if parallel else 1
+    if workers <= 1:
+        fn(0, count)
+        return
+    bounds = [count * k // workers for k in range(workers + 1)]
+    list(_workers().map(fn, bounds[:-1], bounds[1:]))
 
 
 def _preadv_exact(fd: int, view: memoryview, offset: int) -> None:

@@ -1,20 +1,22 @@
-"""xxh3-64 and one-shot zstd decompression called through ctypes, which releases the GIL,
-so that the codec's per-block work runs on every core at once.
+"""xxh3-64, one-shot zstd decompression and memmove called through ctypes, which releases
+the GIL, so that the codec's per-block work runs on every core at once.
 
 The xxhash module holds the GIL while it hashes (measured: two threads hash no faster
-than one), and zstandard's stream reader pays per-call object overhead. XXH3_64bits
-(its dispatching entry where there is one) comes from the installed xxhash module's own
-shared object, which its import has loaded and which exports it; ZSTD_decompressDCtx
-from the system's libzstd (Debian's libzstd1, which dpkg itself needs; every zstd 1.x
-decodes every 1.x frame). Where either is missing, the
-xxhash and zstandard modules' Python APIs are used instead, with the same results;
+than one), zstandard's stream reader pays per-call object overhead, and torch's copy_
+starts a team of threads, which from inside a worker thread oversubscribes the cores.
+XXH3_64bits (its dispatching entry where there is one) comes from the installed xxhash
+module's own shared object, which its import has loaded and which exports it;
+ZSTD_decompressDCtx from the system's libzstd (Debian's libzstd1, which dpkg itself needs;
+every zstd 1.x decodes every 1.x frame). Where either is missing, the xxhash and
+zstandard modules' Python APIs are used instead, with the same results;
 `HAVE_NATIVE_HASH` and `HAVE_NATIVE_ZSTD` say which path runs.
 
 Contracts: `xxh3_64(buf)` equals `xxhash.xxh3_64_intdigest(buf)`. `zstd_decompress_into(src,
 dst)` decodes the zstd frame(s) `src` into `dst`, which they must fill exactly: a corrupt
 frame, or one that decodes to more or fewer bytes, raises ZstdError (and leaves `dst`
-unspecified). Buffers are contiguous objects with the buffer protocol (bytes, memoryview,
-numpy arrays); both functions are thread-safe.
+unspecified). `copy_into(dst, src)` copies bytes between buffers of one size. Buffers are
+contiguous objects with the buffer protocol (bytes, memoryview, numpy arrays; a torch
+tensor's .numpy()); every function is thread-safe.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ _local = threading.local()
 
 def _array(buf) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8)
+
+
+def copy_into(dst, src) -> None:
+    """memmove of `src`'s bytes into the writable `dst` of the same size, without the GIL."""
+    d, s = _array(dst), _array(src)
+    if d.size != s.size or not d.flags.writeable:
+        raise ValueError(
+            f"cannot copy {s.size} bytes into a{' read-only' * (not d.flags.writeable)} {d.size}-byte buffer"
+        )
+    ctypes.memmove(d.ctypes.data, s.ctypes.data, d.size)
 
 
 def xxh3_64(buf) -> int:

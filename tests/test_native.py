@@ -85,3 +85,14 @@ def test_read_only_output_is_refused():
     frame = zstandard.ZstdCompressor().compress(b"abc")
     with pytest.raises(ValueError):
         native.zstd_decompress_into(frame, b"xyz")
+
+
+def test_copy_into_copies_and_refuses_other_sizes_and_read_only_buffers():
+    src = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    native.copy_into(dst, memoryview(src))
+    assert np.array_equal(dst, src)
+    with pytest.raises(ValueError):
+        native.copy_into(dst[:-1], src)
+    with pytest.raises(ValueError, match="read-only"):
+        native.copy_into(bytes(len(src)), src)
