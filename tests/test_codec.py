@@ -204,3 +204,46 @@ def test_the_position_round_trips_through_every_decoder(tmp_path_factory, positi
 def test_encode_refuses_a_position_outside_64_bits(position):
     with pytest.raises(ValueError, match="position"):
         encode(KEY, LAYOUT, kv_like(LAYOUT), position=position)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_multi_block_frames_decode_in_ranges_and_a_bad_block_anywhere_is_caught(tmp_path, codec, parallel):
+    """3.5 blocks, decoded from memory and from a file, on every core or on one thread
+    (the blocks go in one contiguous range per core): the same bytes; a bit flipped in
+    any block's payload is a FrameError, whichever range it falls in."""
+    layout = ChunkLayout("mha", "bfloat16", (2, 4, 7 * 1024, 2, 16))  # 3.5 MiB
+    data = torch.randn(layout.shape).to(torch.bfloat16)
+    parts = encode(KEY, layout, data, codec)
+    frame = frame_bytes(parts)
+    blocks = parts[2:-1]
+    assert len(blocks) == 4
+    path = tmp_path / "f.lmsg"
+
+    def both(blob: bytes) -> list[torch.Tensor]:
+        path.write_bytes(blob)
+        outs = [torch.empty(layout.nbytes, dtype=torch.uint8) for _ in range(2)]
+        decode_into(blob, KEY, layout, outs[0], parallel=parallel)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            read_into(fd, len(blob), KEY, layout, outs[1], parallel=parallel)
+        finally:
+            os.close(fd)
+        return outs
+
+    assert all(torch.equal(o, data.reshape(-1).view(torch.uint8)) for o in both(frame))
+    start = len(parts[0]) + len(parts[1])
+    for block in blocks:
+        damaged = bytearray(frame)
+        damaged[start + len(block) // 2] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(FrameError):
+            decode_into(bytes(damaged), KEY, layout, torch.empty(layout.nbytes, dtype=torch.uint8), parallel=parallel)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(FrameError):
+                read_into(fd, len(damaged), KEY, layout, torch.empty(layout.nbytes, dtype=torch.uint8),
+                          parallel=parallel)
+        finally:
+            os.close(fd)
+        start += len(block)
