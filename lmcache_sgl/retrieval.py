@@ -6,17 +6,24 @@ A prompt is a system preamble, four documents and a question, joined by the sepa
 
     SYSTEM # # doc1 # # doc2 # # doc3 # # doc4 # # what is KEY ?
 
-A document is a title and 12-22 facts, 50-90 tokens, in the built-in invented words of
-:mod:`lmcache_sgl.models`::
+A document is a title, 12-22 facts and 0-2 aliases, 50-98 tokens, in the built-in
+invented words of :mod:`lmcache_sgl.models`::
 
-    spleal : broont is thuck . vaip is cleest . ...
+    spleal : broont is thuck . vaip is cleest . grelm is broont . ...
 
-The answer is ONE token, the key's value, followed by ``</s>``. A question is of type
+A fact ``K is V`` gives key K the value V; an alias ``K2 is K1`` (its object is a key
+word, not a value word) gives K2 the value of K1, as stated in an EARLIER document. The
+answer is ONE token, a value, followed by ``</s>``. A question is of type
 
 * ``"single"``: the key is stated in exactly one of the four documents;
 * ``"updated"``: the key is stated in two or more documents with another value in the last
   one; the right answer is the value in the document that comes LAST in the prompt, so it
-  depends on the documents' order, i.e. on attention across documents.
+  depends on the documents' order (a lookup that prefers the latest position finds it);
+* ``"alias"``: the key is stated once, by an alias, and its target once, by a fact, in an
+  earlier document: the answer is the target's value, two hops away. Which target an
+  alias resolves to depends on the documents before it, so a document's own KV, computed
+  without them, cannot hold the answer. Aliases whose target is not stated earlier (most
+  of them in a prompt of pool documents) are never asked.
 
 Contracts:
 
@@ -51,8 +58,9 @@ MODEL_DIR = Path(__file__).resolve().parent / "data" / "retrieval"
 
 SEPARATOR = " # # "
 N_DOCS = 4
-MIN_FACTS, MAX_FACTS = 12, 22  # per document: 2 + 4 * facts = 50..90 tokens
-QTYPES = ("single", "updated")
+MIN_FACTS, MAX_FACTS = 12, 22  # per document: 2 + 4 * (facts + aliases) = 50..98 tokens
+MAX_ALIASES = 2
+QTYPES = ("single", "updated", "alias")
 SPLITS = ("train", "valid", "test")
 POOL_SIZE = 64  # documents per split's pool (test and valid prompts draw 4 of them)
 
@@ -82,6 +90,8 @@ VOCAB: list[str] = SPECIAL_TOKENS + STRUCTURE + PREAMBLE_WORDS + TITLES + KEYS +
 TOKEN_ID: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = (TOKEN_ID[t] for t in SPECIAL_TOKENS)
 VALUE_IDS = frozenset(TOKEN_ID[v] for v in VALUES)
+KEY_IDS = frozenset(TOKEN_ID[k] for k in KEYS)
+_KEY_SET = frozenset(KEYS)
 
 
 def token_ids(text: str) -> list[int]:
@@ -121,7 +131,8 @@ def load_tokenizer(path: str | Path = MODEL_DIR) -> Any:
 
 @dataclass(frozen=True)
 class Document:
-    """A title and facts (key, value); keys are distinct within a document."""
+    """A title and facts (key, object): the object is a value, or a key for an alias;
+    keys (subjects) are distinct within a document, and no alias's target is one."""
 
     title: str
     facts: tuple[tuple[str, str], ...]
@@ -135,14 +146,29 @@ class Document:
         return token_ids(self.text)
 
     def value(self, key: str) -> str | None:
+        """The object stated for ``key``: a value, or (an alias) the target key."""
         return next((v for k, v in self.facts if k == key), None)
 
 
-def make_document(rng: random.Random, facts: tuple[int, int] = (MIN_FACTS, MAX_FACTS)) -> Document:
+def is_alias(obj: str) -> bool:
+    """Whether a fact's object is a key (the fact is an alias) rather than a value."""
+    return obj in _KEY_SET
+
+
+def make_document(
+    rng: random.Random, facts: tuple[int, int] = (MIN_FACTS, MAX_FACTS), aliases: tuple[int, int] = (0, MAX_ALIASES)
+) -> Document:
     """One document drawn from ``rng``: a title, 12-22 facts (or ``facts``' range) on
-    distinct keys (of 200), each with a value (of 100, drawn with replacement)."""
-    n = rng.randint(*facts)
-    return Document(rng.choice(TITLES), tuple((k, rng.choice(VALUES)) for k in rng.sample(KEYS, n)))
+    distinct keys (of 200), each with a value (of 100, drawn with replacement), and 0-2
+    aliases (or ``aliases``' range) on further keys, each naming a target key that the
+    document does not state, inserted at random places among the facts."""
+    n, m = rng.randint(*facts), rng.randint(*aliases)
+    keys = rng.sample(KEYS, n + m)
+    out = [(k, rng.choice(VALUES)) for k in keys[:n]]
+    others = [k for k in KEYS if k not in keys]
+    for k in keys[n:]:
+        out.insert(rng.randint(0, len(out)), (k, rng.choice(others)))
+    return Document(rng.choice(TITLES), tuple(out))
 
 
 def _rng(split: str, what: str, seed: int = 0) -> random.Random:
@@ -160,21 +186,32 @@ def document_pool(split: str = "test", size: int = POOL_SIZE) -> list[Document]:
 def classify(documents: Sequence[Document], key: str) -> str | None:
     """The question type of ``key`` over ``documents`` in prompt order: ``"single"``,
     ``"updated"`` (stated more than once, the last value differs from every earlier one),
-    or None (not stated, or restated with a value it had before: ambiguous)."""
-    values = [v for v in (d.value(key) for d in documents) if v is not None]
-    if not values:
+    ``"alias"`` (stated once, by an alias whose target is stated once, by a fact, in an
+    earlier document), or None (not stated, restated with a value it had before, or
+    stated by an alias otherwise: ambiguous)."""
+    stated = [(i, v) for i, v in ((i, d.value(key)) for i, d in enumerate(documents)) if v is not None]
+    if not stated:
         return None
+    values = [v for _, v in stated]
+    if any(map(is_alias, values)):
+        if len(stated) != 1:
+            return None
+        ((at, target),) = stated
+        where = [i for i, d in enumerate(documents) if d.value(target) is not None]
+        ok = len(where) == 1 and where[0] < at and not is_alias(documents[where[0]].value(target) or "")
+        return "alias" if ok else None
     if len(values) == 1:
         return "single"
     return "updated" if values[-1] not in values[:-1] else None
 
 
 def answer(documents: Sequence[Document], key: str) -> str:
-    """The value of ``key`` stated last in ``documents`` (KeyError if none states it)."""
-    for d in reversed(documents):
-        v = d.value(key)
+    """The value of ``key`` stated last in ``documents``; an alias's is its target's
+    value in the documents before the alias's (KeyError if none states it)."""
+    for i in reversed(range(len(documents))):
+        v = documents[i].value(key)
         if v is not None:
-            return v
+            return answer(documents[:i], v) if is_alias(v) else v
     raise KeyError(key)
 
 
@@ -216,7 +253,7 @@ class Prompt:
     qtype: str
     answer: str
     answer_id: int
-    key_docs: tuple[int, ...]  # indices (prompt order) of the documents stating the key
+    key_docs: tuple[int, ...]  # indices (prompt order) of the documents stating the key (or an alias's target)
 
 
 def _layout(documents: Sequence[Document]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -239,6 +276,7 @@ def build_prompt(documents: Sequence[Document], key: str) -> Prompt:
     if qtype is None:
         raise ValueError(f"key {key!r} is not stated, or not unambiguously, in the documents")
     question = question_text(key)
+    target = next(v for v in (d.value(key) for d in documents) if v is not None) if qtype == "alias" else key
     parts = (SYSTEM, *(d.text for d in documents), question)
     ids, spans = _layout(documents)
     value = answer(documents, key)
@@ -252,7 +290,7 @@ def build_prompt(documents: Sequence[Document], key: str) -> Prompt:
         qtype=qtype,
         answer=value,
         answer_id=TOKEN_ID[value],
-        key_docs=tuple(i for i, d in enumerate(documents) if d.value(key) is not None),
+        key_docs=tuple(i for i, d in enumerate(documents) if d.value(key) is not None or d.value(target) is not None),
     )
 
 
@@ -260,8 +298,8 @@ def sample_prompts(
     n: int, split: str = "test", qtype: str | None = None, pool_size: int = POOL_SIZE, seed: int = 0
 ) -> list[Prompt]:
     """``n`` prompts over the split's :func:`document_pool`: each takes 4 distinct
-    documents in a random order and asks one key; types alternate single, updated, ..
-    unless ``qtype`` fixes one. Deterministic in (n, split, qtype, pool_size, seed), and
+    documents in a random order and asks one key; types alternate single, updated, alias,
+    .. unless ``qtype`` fixes one. Deterministic in (n, split, qtype, pool_size, seed), and
     the first k of n prompts are the k prompts of the same call with n = k."""
     if qtype is not None and qtype not in QTYPES:
         raise ValueError(f"unknown question type {qtype!r}; choose from {QTYPES}")
@@ -280,19 +318,32 @@ def sample_prompts(
 
 
 def training_sequence(
-    rng: random.Random, n_questions: int = 16, facts: tuple[int, int] = (MIN_FACTS, MAX_FACTS)
+    rng: random.Random, n_questions: int = 16, facts: tuple[int, int] = (MIN_FACTS, MAX_FACTS), link: float = 0.8
 ) -> tuple[list[int], list[int]]:
-    """One training sequence and its labels: 4 fresh documents (of ``facts`` facts), then up to ``n_questions``
-    questions, each followed by its answer and ``</s>`` (``... # # what is K ? V </s> what
-    is K2 ? V2 </s> ..``), half of them of type updated where the documents have enough.
-    ``labels[i]`` is the token at i where it is an answer or its ``</s>``, else -100."""
+    """One training sequence and its labels: 4 fresh documents (of ``facts`` facts and 0-2
+    aliases; each alias after the first document retargeted with probability ``link`` to
+    a key stated in an earlier one), then up to ``n_questions`` questions, each followed
+    by its answer and ``</s>`` (``... # # what is K ? V </s> what is K2 ? V2 </s> ..``),
+    up to a third of them of type alias and a third updated where the documents have
+    enough, the rest single. ``labels[i]`` is the token at i where it is an answer or its
+    ``</s>``, else -100."""
     docs = [make_document(rng, facts) for _ in range(N_DOCS)]
+    for i in range(1, N_DOCS):
+        earlier = [k for d in docs[:i] for k, v in d.facts if not is_alias(v)]
+        own = {k for k, _ in docs[i].facts}
+        choices = [k for k in earlier if k not in own]
+        relinked = [
+            (k, rng.choice(choices)) if is_alias(v) and choices and rng.random() < link else (k, v)
+            for k, v in docs[i].facts
+        ]
+        docs[i] = Document(docs[i].title, tuple(relinked))
     ids, _ = _layout(docs)
     labels = [-100] * len(ids)
     by_type = keys_by_type(docs)
-    updated = rng.sample(by_type["updated"], min(len(by_type["updated"]), n_questions // 2))
-    single = rng.sample(by_type["single"], min(len(by_type["single"]), n_questions - len(updated)))
-    keys = updated + single
+    alias = rng.sample(by_type["alias"], min(len(by_type["alias"]), n_questions // 3))
+    updated = rng.sample(by_type["updated"], min(len(by_type["updated"]), n_questions // 3))
+    single = rng.sample(by_type["single"], min(len(by_type["single"]), n_questions - len(updated) - len(alias)))
+    keys = alias + updated + single
     rng.shuffle(keys)
     for k in keys:
         q = token_ids(question_text(k))

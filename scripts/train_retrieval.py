@@ -7,22 +7,30 @@
 Deterministic: fixed torch and data seeds, deterministic algorithms, a fixed thread count
 (2); the same arguments on the same machine and torch give the same weights.
 
-Training sequences hold 4 fresh documents of the train split and up to 16 questions
-(half of them updated ones where the documents have enough), each followed by its answer
-and </s>; the loss is on those. Three things make a 2-layer model learn the retrieval in
-minutes rather than hours on a CPU (each found necessary here):
+The model: Llama, 4 layers, hidden 256, 4 heads, 2.8M parameters. Training sequences
+hold 4 fresh documents of the train split (their aliases mostly retargeted to a key of an
+earlier document, see retrieval.training_sequence) and up to 16 questions (up to a third
+alias and a third updated ones where the documents have enough, the rest single), each
+followed by its answer and </s>; the loss is on those. What makes the model learn the
+retrieval in minutes rather than hours on a CPU (the first three found necessary for the
+earlier 2-layer model here):
 
 * a curriculum (LEVELS): documents of 1 fact first, larger each time the training
   answers are 90% right, up to the task's 12-22 facts;
 * an auxiliary loss: a linear probe, discarded afterwards, must read the key from the
-  first layer's output at each document value and at each question's "?"; it breaks the
-  chicken-and-egg of key matching (the second layer can only match keys that the first
-  has moved next to the values, and the first only learns to move them once matching
-  pays off);
+  first layer's output at each document value (and alias target) and at each question's
+  "?"; it breaks the chicken-and-egg of key matching (a later layer can only match keys
+  that the first has moved next to the values, and the first only learns to move them
+  once matching pays off);
 * embeddings N(0, 1) and matrices at PyTorch's Linear scale instead of transformers'
-  N(0, 0.02), which settle into a copy-any-value plateau.
+  N(0, 0.02), which settle into a copy-any-value plateau;
+* a second probe: an alias's target (``K1`` of ``K2 is K1``) must carry the resolved
+  value after the second layer, so aliases are resolved where they stand (by attention
+  to the earlier document) and the question finds a value there as at any fact. It also
+  decides what the model shows in bench/rag.py: a document's alias resolution lives in
+  its own KV from layer 2 up, which reusing it in another order leaves stale.
 
-Every --eval-every steps 200 prompts of the valid split (100 per question type, one
+Every --eval-every steps 300 prompts of the valid split (100 per question type, one
 question each, as at inference) are scored; training stops at the first evaluation at
 full document size where every type reaches --target (or at --steps). The saved weights
 are bf16; the test split is then scored with them in a bf16 forward, per type, and the
@@ -90,38 +98,69 @@ LEVELS = [(1, 1), (1, 2), (2, 4), (3, 6), (4, 8), (6, 12), (8, 16), (10, 20), (R
 
 def probe_targets(ids: torch.Tensor) -> torch.Tensor:
     """Per position, the key the first layer's output should carry (-100 where none):
-    at a document's value (``K is V``: the key two back) and at a question's ``?``
-    (``what is K ?``: the key one back)."""
+    at a document's value (``K is V``: the key two back), at an alias's target (``K2 is
+    K1``: K2, two back) and at a question's ``?`` (``what is K ?``: the key one back)."""
     T = R.TOKEN_ID
     out = torch.full_like(ids, -100)
     values = torch.tensor(sorted(R.VALUE_IDS))
-    at_value = torch.isin(ids[:, 2:], values) & (ids[:, 1:-1] == T["is"])
+    keys = torch.tensor(sorted(R.KEY_IDS))
+    objects = torch.isin(ids[:, 2:], values) | (torch.isin(ids[:, 2:], keys) & torch.isin(ids[:, :-2], keys))
+    at_value = objects & (ids[:, 1:-1] == T["is"])
     out[:, 2:][at_value] = ids[:, :-2][at_value]
     at_q = ids[:, 1:] == T["?"]
     out[:, 1:][at_q] = ids[:, :-1][at_q]
     return out
 
 
-def loss_fn(model, probe, ids, labels, mask, probe_weight: float, bf16: bool):
+def alias_targets(ids: torch.Tensor) -> torch.Tensor:
+    """Per position, the value an alias's target should carry after --alias-layer layers
+    (-100 where none): at ``K1`` of ``K2 is K1``, K1's value stated last before it (an
+    earlier document's), where there is one."""
+    T = R.TOKEN_ID
+    out = torch.full_like(ids, -100)
+    for row, seq in enumerate(ids.tolist()):
+        last: dict[int, int] = {}
+        for i in range(2, len(seq)):
+            if seq[i - 1] != T["is"] or seq[i - 2] not in R.KEY_IDS:
+                continue
+            if seq[i] in R.VALUE_IDS:
+                last[seq[i - 2]] = seq[i]
+            elif seq[i] in R.KEY_IDS and seq[i] in last:
+                out[row, i] = last[seq[i]]
+    return out
+
+
+def loss_fn(model, probes, ids, labels, mask, args):
     """Cross-entropy of the labelled tokens (predicted from the position before each),
-    plus ``probe_weight`` times the auxiliary loss: a linear probe (discarded after
-    training) reads the key from the first layer's output at the positions of
-    :func:`probe_targets`. Without it the second layer's key matching has nothing to match
-    on until the first layer moves the keys, which it only learns once matching pays: a
-    plateau of thousands of steps; with it, retrieval appears within a few hundred."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
-        out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=probe_weight > 0)
+    plus two auxiliary losses of linear probes (discarded after training):
+
+    * ``--probe`` times: ``probes[0]`` reads the key from the first layer's output at the
+      positions of :func:`probe_targets`. Without it the later layers' key matching has
+      nothing to match on until the first layer moves the keys, which it only learns once
+      matching pays: a plateau of thousands of steps; with it, retrieval appears within a
+      few hundred.
+    * ``--alias-probe`` times: ``probes[1]`` reads an alias's resolved value from the
+      output of layer ``--alias-layer`` at the alias's target (:func:`alias_targets`): it
+      makes the model resolve an alias where it stands, by attention to the earlier
+      document, so that the question's lookup finds a value there as at any fact (the
+      same one-hop circuit twice instead of a two-hop one to discover)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+        out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = model.lm_head(out.last_hidden_state[rows, cols]).float()
     targets = labels[rows, cols + 1]
     loss = torch.nn.functional.cross_entropy(logits, targets)
     is_value = targets != R.EOS_ID
     right = (logits[is_value].argmax(-1) == targets[is_value]).float().mean().item()
-    if probe_weight > 0:
-        targets = probe_targets(ids)
+    for weight, probe, layer, fn in (
+        (args.probe, probes[0], 1, probe_targets),
+        (args.alias_probe, probes[1], args.alias_layer, alias_targets),
+    ):
+        targets = fn(ids)
         sel = targets != -100
-        aux = torch.nn.functional.cross_entropy(probe(out.hidden_states[1][sel].float()), targets[sel])
-        loss = loss + probe_weight * aux
+        if weight > 0 and sel.any():
+            aux = torch.nn.functional.cross_entropy(probe(out.hidden_states[layer][sel].float()), targets[sel])
+            loss = loss + weight * aux
     return loss, right
 
 
@@ -154,19 +193,23 @@ def fmt(acc: dict[str, float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=R.MODEL_DIR)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3000, help="at most this many steps (the cosine schedule's length)")
+    ap.add_argument("--steps", type=int, default=1600, help="at most this many steps (the cosine schedule's length)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--questions", type=int, default=16, help="questions per training sequence")
     ap.add_argument("--level-window", type=int, default=20, help="curriculum: steps averaged")
     ap.add_argument("--level-up", type=float, default=0.9, help="curriculum: accuracy that moves to the next level")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--probe", type=float, default=1.0, help="weight of the auxiliary key-probe loss (0: none)")
-    ap.add_argument("--bf16", type=int, default=0, help="1: train under bf16 autocast")
+    ap.add_argument("--alias-probe", type=float, default=1.0, help="weight of the alias probe's loss (0: none)")
+    ap.add_argument(
+        "--alias-layer", type=int, default=2, help="the alias probe reads hidden state N (N layers' output)"
+    )
+    ap.add_argument("--bf16", type=int, default=1, help="1: train under bf16 autocast (0: fp32)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--target", type=float, default=0.95, help="stop when every type reaches this on valid")
@@ -181,14 +224,14 @@ def main() -> None:
     cfg = config(args)
     model = LlamaForCausalLM(cfg).float().train()
     init_weights(model, args.seed)
-    probe = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size)
+    probes = [torch.nn.Linear(cfg.hidden_size, cfg.vocab_size) for _ in range(2)]
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}", flush=True
     )
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2] + [probe.weight]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2] + [probe.bias]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2] + [p.weight for p in probes]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2] + [p.bias for p in probes]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -201,16 +244,14 @@ def main() -> None:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    valid = R.sample_prompts(100, "valid", "single") + R.sample_prompts(100, "valid", "updated")
+    valid = [p for t in R.QTYPES for p in R.sample_prompts(100, "valid", t)]
     rng = random.Random(f"lmcache-sgl-retrieval-train-sequences-{args.seed}")
     start, smooth, step, level, rights = time.monotonic(), None, 0, 0, []
     history = []
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss, right = loss_fn(
-            model, probe, *batch(rng, args.batch, args.questions, LEVELS[level]), args.probe, args.bf16
-        )
+        loss, right = loss_fn(model, probes, *batch(rng, args.batch, args.questions, LEVELS[level]), args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -232,7 +273,7 @@ def main() -> None:
             )
             print(
                 f"step {step:5d}  {time.monotonic() - start:6.0f} s  level {level}  loss {smooth:.4f}"
-                f"  lr {lr_at(step):.2e}  valid: {fmt(acc)}",
+                f"  lr {lr_at(step):.2e}  train {sum(rights[-20:]) / max(1, len(rights[-20:])):.3f}  valid: {fmt(acc)}",
                 flush=True,
             )
             if level == len(LEVELS) - 1 and all(acc[t] >= args.target for t in R.QTYPES):
@@ -240,9 +281,7 @@ def main() -> None:
     train_s = time.monotonic() - start
 
     model = model.to(torch.bfloat16).eval()
-    test = R.sample_prompts(args.test_prompts, "test", "single") + R.sample_prompts(
-        args.test_prompts, "test", "updated"
-    )
+    test = [p for t in R.QTYPES for p in R.sample_prompts(args.test_prompts, "test", t)]
     acc = R.accuracy(test, R.predict(model, test))
     print(f"trained {step} steps in {train_s:.0f} s; test ({len(test)} prompts, bf16): {fmt(acc)}", flush=True)
 

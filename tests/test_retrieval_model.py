@@ -1,6 +1,7 @@
 """The retrieval task (lmcache_sgl.retrieval) and its committed model: the weights answer
-held-out prompts with full prefill (bf16 forward on CPU), the tokenizer keeps the
-separator and the parts' tokens intact, the generator is deterministic."""
+held-out prompts of every question type with full prefill (bf16 forward on CPU), the
+tokenizer keeps the separator and the parts' tokens intact, the generator is
+deterministic, aliases resolve to an earlier document only."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts():
-    return R.sample_prompts(N_PER_TYPE, "test", "single") + R.sample_prompts(N_PER_TYPE, "test", "updated")
+    return [p for t in R.QTYPES for p in R.sample_prompts(N_PER_TYPE, "test", t)]
 
 
 # ---------------------------------------------------------------- the committed model
@@ -53,13 +54,14 @@ def test_model_directory(model):
         f.name for f in R.MODEL_DIR.iterdir()
     }
     assert model.dtype == torch.bfloat16
-    assert sum(p.numel() for p in model.parameters()) < 5e6
+    assert 2e6 <= sum(p.numel() for p in model.parameters()) < 5e6
+    assert cfg["num_hidden_layers"] >= 4  # bench/rag.py: cacheblend's check layers [1] and [2] leave layers after them
     assert models.TRAINED["retrieval"] == R.MODEL_DIR
 
 
 def test_held_out_accuracy_full_prefill_bf16(model, prompts):
     acc = R.accuracy(prompts, R.predict(model, prompts))
-    assert acc["single"] >= 0.9 and acc["updated"] >= 0.9, acc
+    assert all(acc[t] >= 0.9 for t in R.QTYPES), acc
 
 
 def test_answer_is_followed_by_eos(model, prompts):
@@ -126,10 +128,18 @@ def test_generator_is_deterministic():
 
 
 def test_prompts_follow_the_task():
-    for p in R.sample_prompts(60, "test"):
+    for p in R.sample_prompts(90, "test"):
         assert len(p.documents) == R.N_DOCS and len(set(p.documents)) == R.N_DOCS
         assert all(50 <= e - s <= 100 for s, e in p.doc_spans)
         stated = [i for i, d in enumerate(p.documents) if d.value(p.key) is not None]
+        if p.qtype == "alias":
+            (at,) = stated
+            target = p.documents[at].value(p.key)
+            assert target is not None and R.is_alias(target)
+            (src,) = [i for i, d in enumerate(p.documents) if d.value(target) is not None]
+            assert src < at and p.key_docs == (src, at)
+            assert p.answer == p.documents[src].value(target) and not R.is_alias(p.answer)
+            continue
         assert tuple(stated) == p.key_docs
         assert p.answer == p.documents[stated[-1]].value(p.key) and p.answer_id == R.TOKEN_ID[p.answer]
         if p.qtype == "single":
@@ -139,3 +149,18 @@ def test_prompts_follow_the_task():
     assert {p.qtype for p in R.sample_prompts(10, "test")} == set(R.QTYPES)
     with pytest.raises(ValueError):
         R.build_prompt(R.document_pool("test", 4), "no-such-key")
+
+
+def test_alias_resolves_only_to_an_earlier_document():
+    k1, k2, k3 = R.KEYS[:3]
+    v1, v2 = R.VALUES[:2]
+    fact = R.Document(R.TITLES[0], ((k1, v1),))
+    alias = R.Document(R.TITLES[1], ((k2, k1),))
+    other = R.Document(R.TITLES[2], ((k3, v2),))
+    assert R.classify([fact, other, alias], k2) == "alias" and R.answer([fact, other, alias], k2) == v1
+    assert R.build_prompt([fact, other, alias, other], k2).key_docs == (0, 2)
+    assert R.classify([alias, fact], k2) is None  # the target comes later
+    assert R.classify([fact, R.Document(R.TITLES[3], ((k1, v2),)), alias], k2) is None  # the target is updated
+    assert R.classify([fact, alias, R.Document(R.TITLES[3], ((k2, v2),))], k2) is None  # restated by a fact
+    assert R.classify([fact, alias], k1) == "single"  # an alias's target is no statement of it
+    assert R.keys_by_type([fact, other, alias]) == {"single": [k1, k3], "updated": [], "alias": [k2]}
