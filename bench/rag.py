@@ -34,23 +34,21 @@ the figure is the median:
 
 Part 2, fidelity, on the trained retrieval model (lmcache_sgl/retrieval.py,
 lmcache_sgl/data/retrieval/): held-out prompts (`sample_prompts(n, "test")`, 4 documents
-of the test pool in a random order per query, one question of type "single" or
-"updated"), each generating 16 greedy tokens (ignore_eos) with the whole first-token
+of the test pool in a random order per query, one question of type "single", "updated"
+or "alias", in turn), each generating 16 greedy tokens (ignore_eos) with the whole first-token
 distribution (return_logprob, top_logprobs_num = the model's vocab size). Settings:
 full prefill (stock, a cache_salt of its own per query, so nothing is shared), prefix-only
 (stock radix cache after the same warm-up prompts as ours: exact reuse of the system
 prompt and, for some queries, of a first document), and on ours, after a warm-up that
 stored every document of the test pool (16 prompts of 4 documents) and a flush, each
 query blended with no device hit (checked as above): cacheblend at 0, 0.05, 0.15, 0.3,
-1.0, boundary at 4, 16, 64, and reuse (--quick: reuse, cacheblend 0.15, boundary 16).
-cacheblend's check layers are the server's default [1] on models of more than 2 layers.
-The retrieval model has 2: there layer 1 is the last layer, and every token's K/V is
-recomputed at both layers whatever the ratio (layer 1's K/V need only layer 0's output),
-so the ratios use [0], and `cacheblend_0.15_checklayer1` (the default [1]) is measured
-too. Layer 0's K/V depend on the token and its position only, so the deviation at [0]
-is rounding noise: the recomputed tokens are an arbitrary share, not CacheBlend's pick.
-Requests go --concurrency at a time (SGLang batches them: on a CPU a decode step's fixed
-cost dominates); batch composition moves bf16 logprobs by up to ~1e-2, which can flip a
+1.0, boundary at 4, 16, 64, and reuse (--quick: reuse, cacheblend 0.15, boundary 16),
+cacheblend with the server's default check layers ([1]); and `cacheblend_0.15_checklayer2`
+(check layer [2]): the retrieval model resolves an alias at the alias, in layer 1 (its
+recipe makes it), so a reused document's stale resolution shows in the K/V of layers 2
+and up, not in layer 1's, which depend on layer 0's (local) output. Requests go
+--concurrency at a time (SGLang batches them: on a CPU a decode step's fixed cost
+dominates); batch composition moves bf16 logprobs by up to ~1e-2, which can flip a
 near-tie, so prefix-only's agreement with full prefill is the floor of this noise. Per setting:
 
   accuracy          fraction of queries whose first generated token is the answer
@@ -102,6 +100,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from lmcache_sgl import retrieval  # noqa: E402
 from lmcache_sgl.cli import default_model_dir  # noqa: E402
+from lmcache_sgl.config import LMCacheConfig  # noqa: E402
 from lmcache_sgl.models import make_model  # noqa: E402
 from lmcache_sgl.server import SGLangServer  # noqa: E402
 from lmcache_sgl.sglang import cpu_mode  # noqa: E402
@@ -120,23 +119,17 @@ SETTINGS = {
     **{f"cacheblend_{r:g}": {"strategy": "cacheblend", "recompute_ratio": r} for r in (0.0, 0.05, 0.15, 0.3, 1.0)},
     **{f"boundary_{k}": {"strategy": "boundary", "boundary_tokens": k} for k in (4, 16, 64)},
 }
-LAYER1 = "cacheblend_0.15_checklayer1"  # fidelity on a 2-layer model: the server's check layers [1]
+CHECK2 = "cacheblend_0.15_checklayer2"  # cacheblend 0.15 checking layer 2 instead of the default [1]
 
 
-def fidelity_settings(layers: int) -> tuple[dict[str, dict], list[int]]:
-    """The fidelity settings for a model of `layers` layers, and cacheblend's check
-    layers there. A check layer must leave a layer after it: with [1] on 2 layers every
-    token's K/V is fresh at both layers (layer 1's K/V need only layer 0's output), so
-    every ratio would be a full recompute; there [0] is used (all ratios), and LAYER1
-    (the server's default [1], at 0.15) is measured too."""
-    check = [1] if layers > 2 else [0]
-    out = {
-        name: {**blend, "check_layers": check} if blend["strategy"] == "cacheblend" else blend
-        for name, blend in SETTINGS.items()
-    }
-    if check != [1]:
-        out[LAYER1] = {"strategy": "cacheblend", "recompute_ratio": 0.15, "check_layers": [1]}
-    return out, check
+def fidelity_settings(layers: int) -> dict[str, dict]:
+    """The fidelity settings for a model of `layers` layers: SETTINGS (cacheblend at the
+    server's default check layers) and CHECK2. A check layer must leave a layer after
+    it (at the last one every token's K/V is fresh at every layer, whatever the ratio):
+    SystemExit on a model of 3 layers or fewer."""
+    if layers <= 3:
+        raise SystemExit(f"the fidelity model has {layers} layers; check layers [1] and [2] need 4 or more")
+    return {**SETTINGS, CHECK2: {"strategy": "cacheblend", "recompute_ratio": 0.15, "check_layers": [2]}}
 
 
 TARGETS = {"blend_ttft_ratio": 0.45, "boundary_ttft_ratio": 0.15, "reuse_ttft_ratio": 0.1}
@@ -393,8 +386,8 @@ def fidelity_part(opts, servers: Servers, progress) -> dict:
     prompts = retrieval.sample_prompts(n, "test")
     warm = warmup_prompts()
     layers = config["num_hidden_layers"]
-    overrides, check = fidelity_settings(layers)
-    settings = [k for k in overrides if not opts.quick or k in DEFAULT.values() or k == LAYER1]
+    overrides = fidelity_settings(layers)
+    settings = [k for k in overrides if not opts.quick or k in DEFAULT.values() or k == CHECK2]
     outcomes: dict[str, Outcome] = {}
     blend_ms: dict[str, list[float]] = {}
 
@@ -480,7 +473,7 @@ def fidelity_part(opts, servers: Servers, progress) -> dict:
         "prefix_only_top1_agreement": per_setting["prefix_only"]["top1_agreement"],
         "fidelity_queries": n,
         "fidelity_model_layers": layers,
-        "fidelity_check_layers": check,
+        "fidelity_check_layers": list(LMCacheConfig.blend_check_layers),
         "fidelity": per_setting,
     }
 
@@ -502,6 +495,7 @@ def table(fidelity: dict[str, dict]) -> str:
         ("accuracy", "acc"),
         ("accuracy_single", "acc single"),
         ("accuracy_updated", "acc updated"),
+        ("accuracy_alias", "acc alias"),
         ("top1_agreement", "top-1 agree"),
         ("seq16_agreement", "16-tok same"),
         ("token16_agreement", "tok agree"),
