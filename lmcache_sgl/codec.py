@@ -130,10 +130,6 @@ def _workers() -> ThreadPoolExecutor:
     return _pool
 
 
-def _as_bytes_tensor(buf) -> torch.Tensor:
-    return torch.frombuffer(buf, dtype=torch.uint8) if len(memoryview(buf)) else torch.empty(0, dtype=torch.uint8)
-
-
 def _compress_block(block: torch.Tensor, elem: int, level: int) -> bytes:
     shuffled = torch.empty_like(block)
     ops.shuffle_bytes(block, shuffled, elem)
