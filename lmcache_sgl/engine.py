@@ -205,7 +205,7 @@ class CacheEngine:
 
         def part(c: Chunk, hit: Hit, src: torch.Tensor) -> torch.Tensor:
             lo, hi = max(c.start, begin), min(c.end, end)
-            return src if (lo, hi) == (c.start, c.end) else src[:, lo - c.start : hi - c.start].contiguous()
+            return src[:, lo - c.start : hi - c.start]  # a view: scatter_many copies it from the slab
 
         return self._load_into([c for c in chunks if c.end > begin and c.start < end], slots, part)
 
@@ -315,7 +315,7 @@ class CacheEngine:
             slots, start = slots.to(device), 0
             for src in pieces:
                 count = src.shape[1]
-                ops.scatter(self.pool.buffers, slots[start : start + count], src.to(device))
+                ops.scatter(self.pool.buffers, slots[start : start + count], src.to(device).contiguous())
                 start += count
             torch.cuda.current_stream(device).synchronize()  # the slabs are released after we return
 

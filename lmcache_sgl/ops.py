@@ -42,7 +42,7 @@ def _load(name: str, prefix: str, extra: list) -> ctypes.CDLL:
 
 try:
     _cpu_lib = _load("_kernels_cpu", "lmcsgl_", [])
-    _cpu_lib.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    _cpu_lib.lmcsgl_scatter_rows_batch.argtypes = [_P, _I, _I, _P, _P, _I, _P, _P]
     _cpu_lib.lmcsgl_scatter_rows_batch.restype = ctypes.c_int
     _CPU: ctypes.CDLL | None = _cpu_lib
 except (OSError, AttributeError) as e:
@@ -227,24 +227,25 @@ def scatter(buffers: Sequence[torch.Tensor], slots: torch.Tensor, src: torch.Ten
 
 def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
     """scatter() of several chunk buffers in one call: srcs[p] ([B, n_p, row] bytes) goes to
-    the next n_p slots. Slots must be distinct (ValueError otherwise). On the CPU the pieces
-    share the kernel's threads; elsewhere they are scattered one by one."""
+    the next n_p slots. A piece is contiguous, or a [B, n_p, r] view whose rows of each
+    buffer are contiguous (a slice along n of a chunk's bytes, copied from where it lies).
+    Slots must be distinct (ValueError otherwise). On the CPU the pieces share the kernel's
+    threads; elsewhere they are scattered one by one."""
     row_bytes = _check_pool(buffers)
     slots = _check_slots(slots, buffers[0])
     per_slot = len(buffers) * row_bytes
-    counts = [_nbytes(src) // per_slot if per_slot else 0 for src in srcs]
-    if sum(counts) != slots.numel():
-        raise ValueError(f"{len(srcs)} chunk buffers hold {sum(counts)} slots, expected {slots.numel()}")
+    rows = [_piece_rows(src, buffers, row_bytes) for src in srcs]  # (n_p, rows between buffers)
+    if sum(n for n, _ in rows) != slots.numel():
+        raise ValueError(f"{len(srcs)} chunk buffers hold {sum(n for n, _ in rows)} slots, expected {slots.numel()}")
     offsets = [0]
-    for src, n in zip(srcs, counts, strict=True):
-        _check_flat(src, buffers, n, row_bytes)
+    for n, _ in rows:
         offsets.append(offsets[-1] + n)
     distinct = "scatter_many needs distinct slots"
-    if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and row_bytes):
+    if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and per_slot):
         if torch.unique(slots).numel() != slots.numel():
             raise ValueError(distinct)
         for p, src in enumerate(srcs):
-            scatter(buffers, slots[offsets[p] : offsets[p + 1]], src)
+            scatter(buffers, slots[offsets[p] : offsets[p + 1]], src.contiguous())
         return
     ptrs = tuple(b.data_ptr() for b in buffers)
     rc = _CPU.lmcsgl_scatter_rows_batch(
@@ -255,11 +256,38 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
         (_I * len(offsets))(*offsets),
         len(srcs),
         (_P * len(srcs))(*(src.data_ptr() for src in srcs)),
+        (_I * len(srcs))(*(stride for _, stride in rows)),
     )
     if rc == 1:  # the kernel checks distinctness (every other argument was checked here)
         raise ValueError(distinct)
     if rc != 0:
         raise RuntimeError(f"lmcache_sgl kernel scatter_rows_batch failed: {_CPU_ERRORS.get(rc, '?')} (code {rc})")
+
+
+def _piece_rows(src: torch.Tensor, buffers: Sequence[torch.Tensor], row_bytes: int) -> tuple[int, int]:
+    """(slots, rows between buffers) of one scatter_many piece; ValueError if it is neither
+    a flat chunk buffer nor a [B, n, r] view with each buffer's rows contiguous."""
+    per_slot = len(buffers) * row_bytes
+    if src.is_contiguous():
+        n = _nbytes(src) // per_slot if per_slot else 0
+        _check_flat(src, buffers, n, row_bytes)
+        return n, n
+    size = src.element_size()
+    if (
+        src.dim() != 3
+        or src.device != buffers[0].device
+        or src.shape[0] != len(buffers)
+        or src.shape[2] * size != row_bytes
+        or src.stride(2) != 1
+        or src.stride(1) != src.shape[2]
+        or src.stride(0) % src.shape[2]
+        or src.stride(0) // src.shape[2] < src.shape[1]
+    ):
+        raise ValueError(
+            f"a chunk buffer piece must be contiguous, or [{len(buffers)}, n, {row_bytes} bytes] with "
+            f"each buffer's rows contiguous, on {buffers[0].device}; got {tuple(src.shape)} strides {src.stride()}"
+        )
+    return src.shape[1], src.stride(0) // src.shape[2]
 
 
 def _check_shuffle(src: torch.Tensor, out: torch.Tensor, elem_size: int) -> int:

@@ -147,7 +147,7 @@ def assert_scatter_many_matches(buffers, slots, bounds, srcs) -> None:
     mine, ref = [b.clone() for b in buffers], [b.clone() for b in buffers]
     ops.scatter_many(mine, slots, srcs)
     for lo, hi, src in zip(bounds, bounds[1:], srcs):
-        ops.reference_scatter(ref, slots[lo:hi], src)
+        ops.reference_scatter(ref, slots[lo:hi], src.contiguous())
     for a, b in zip(mine, ref):
         assert_same_bits(a, b)
 
@@ -157,6 +157,27 @@ def assert_scatter_many_matches(buffers, slots, bounds, srcs) -> None:
 def test_scatter_many_equals_scatters_one_by_one(case, cuts) -> None:
     buffers, slots, gen = case
     assert_scatter_many_matches(buffers, *split_scatter_case(buffers, torch.unique(slots), gen, cuts))
+
+
+def as_slices(srcs, gen, margin: int):
+    """Each piece as the same rows in a slice of a longer buffer (random rows around it)."""
+    out = []
+    for src in srcs:
+        before, after = (int(x) for x in torch.randint(0, margin + 1, (2,), generator=gen))
+        longer = random_bytes((src.shape[0], before + src.shape[1] + after, src.shape[2]), src.dtype, gen)
+        longer[:, before : before + src.shape[1]] = src
+        out.append(longer[:, before : before + src.shape[1]])
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(pools(), st.lists(st.integers(0, 100), max_size=6), st.integers(0, 40))
+def test_scatter_many_copies_slices_of_longer_buffers(case, cuts, margin) -> None:
+    """A piece that is a slice along n of a longer chunk (a load's partial last chunk) is
+    read from where it lies, each buffer's rows from their own offset."""
+    buffers, slots, gen = case
+    slots, bounds, srcs = split_scatter_case(buffers, torch.unique(slots), gen, cuts)
+    assert_scatter_many_matches(buffers, slots, bounds, as_slices(srcs, gen, margin))
 
 
 @pytest.mark.parametrize("cuts", [[256 * k for k in range(1, 8)], [1, 2, 1000, 1001, 1500]])
@@ -176,6 +197,10 @@ def test_scatter_many_refuses_bad_input() -> None:
         ops.scatter_many(buffers, torch.tensor([1, 2, 3]), [src])
     with pytest.raises(IndexError):
         ops.scatter_many(buffers, torch.tensor([1, 8]), [src])
+    rows = torch.zeros(2, 4, 16, dtype=torch.uint8)
+    for bad in (rows[:, :2, :8], rows[:, ::2], rows.transpose(0, 1)[:2, :2], torch.zeros(3, 4, 16, dtype=torch.uint8)[:, :2]):
+        with pytest.raises(ValueError, match="each buffer's rows contiguous"):
+            ops.scatter_many(buffers, torch.tensor([1, 2]), [bad])
     assert not any(b.any() for b in buffers)
 
 

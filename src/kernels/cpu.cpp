@@ -86,7 +86,8 @@ struct RowJob {
   const int64_t* slots;
   int64_t num_slots;
   char* flat;
-  bool merge_runs;  // copy consecutive slots of one buffer as one segment
+  int64_t flat_rows;  // rows between buffers in `flat`: row (b, n) is at flat + (b * flat_rows + n) * row_bytes
+  bool merge_runs;    // copy consecutive slots of one buffer as one segment
 };
 
 struct Segment {
@@ -149,7 +150,7 @@ void move_rows(const RowJob& job, int64_t lo, int64_t hi) {
     int k = 0;
     for (; k < kGroup && r < hi; ++k) {
       char* pool = static_cast<char*>(const_cast<void*>(job.bufs[b])) + job.slots[n] * rb;
-      char* flat = job.flat + r * rb;
+      char* flat = job.flat + (b * job.flat_rows + n) * rb;
       int64_t len = 0;
       do {
         len += rb, ++r;
@@ -362,7 +363,7 @@ LMCSGL_API int lmcsgl_gather_rows(const void* const* bufs, int64_t num_bufs, int
   const int64_t bytes = rows * row_bytes;
   const void* const flat_base[1] = {out};
   const bool nt = use_streaming(flat_base, 1, row_bytes, bytes);
-  const RowJob job{bufs, row_bytes, slots, num_slots, static_cast<char*>(out), true};
+  const RowJob job{bufs, row_bytes, slots, num_slots, static_cast<char*>(out), num_slots, true};
   // Flattened (b, n) rows: each thread writes one contiguous range of `out`.
   parallel_for(rows, plan_threads(rows, bytes),
                [&](int64_t lo, int64_t hi) { move_rows_any<false>(job, nt, lo, hi); });
@@ -386,8 +387,8 @@ LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t 
   // Repeated slots: rows are not merged into runs (that could reorder two writes of one
   // slot) and each thread owns whole buffers, so within a buffer the rows go in n order
   // and the last occurrence wins, exactly as in a serial loop.
-  const RowJob job{bufs, row_bytes, slots, num_slots, static_cast<char*>(const_cast<void*>(src)),
-                   !repeats};
+  const RowJob job{bufs, row_bytes, slots, num_slots,
+                   static_cast<char*>(const_cast<void*>(src)), num_slots, !repeats};
   const int64_t unit = repeats ? num_slots : 1;
   parallel_for(rows / unit, plan_threads(rows / unit, bytes), [&](int64_t lo, int64_t hi) {
     move_rows_any<true>(job, nt, lo * unit, hi * unit);
@@ -397,11 +398,13 @@ LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t 
 
 LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
                                          const int64_t* slots, const int64_t* offsets,
-                                         int64_t num_pieces, const void* const* srcs) {
+                                         int64_t num_pieces, const void* const* srcs,
+                                         const int64_t* src_rows) {
   if (num_pieces < 0 || (num_pieces > 0 && (offsets == nullptr || offsets[0] != 0)))
     return LMCSGL_ERR_INVALID;
   for (int64_t p = 0; p < num_pieces; ++p)
-    if (offsets[p + 1] < offsets[p]) return LMCSGL_ERR_INVALID;
+    if (offsets[p + 1] < offsets[p] || (src_rows != nullptr && src_rows[p] < offsets[p + 1] - offsets[p]))
+      return LMCSGL_ERR_INVALID;
   const int64_t num_slots = num_pieces > 0 ? offsets[num_pieces] : 0;
   if (!valid_rows(num_bufs, row_bytes, num_slots)) return LMCSGL_ERR_INVALID;
   if (num_bufs == 0 || num_slots == 0 || row_bytes == 0) return LMCSGL_OK;
@@ -422,8 +425,9 @@ LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, in
     for (int64_t p = 0; p < num_pieces && lo < hi; ++p) {
       const int64_t first = num_bufs * offsets[p], last = num_bufs * offsets[p + 1];
       if (last <= lo) continue;
-      const RowJob job{bufs, row_bytes, slots + offsets[p], offsets[p + 1] - offsets[p],
-                       static_cast<char*>(const_cast<void*>(srcs[p])), true};
+      const int64_t n = offsets[p + 1] - offsets[p];
+      const RowJob job{bufs, row_bytes, slots + offsets[p], n,
+                       static_cast<char*>(const_cast<void*>(srcs[p])), src_rows ? src_rows[p] : n, true};
       const int64_t end = std::min(hi, last);
       move_rows_any<true>(job, nt, lo - first, end - first);
       lo = end;

@@ -45,12 +45,15 @@ LMCSGL_API int lmcsgl_gather_rows(const void* const* bufs, int64_t num_bufs, int
 LMCSGL_API int lmcsgl_scatter_rows(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
                                    const int64_t* slots, int64_t num_slots, const void* src);
 
-// Several scatters as one call, sharing its threads: piece p writes srcs[p], a flat
-// [B, n_p, row] buffer, to slots[offsets[p] .. offsets[p + 1]) (offsets[0] == 0,
-// non-decreasing). Slots must be distinct over all pieces (LMCSGL_ERR_INVALID otherwise).
+// Several scatters as one call, sharing its threads: piece p writes srcs[p], [B, n_p, row]
+// rows, to slots[offsets[p] .. offsets[p + 1]) (offsets[0] == 0, non-decreasing). Within a
+// buffer a piece's rows are consecutive; buffer b's first row is src_rows[p] * b rows after
+// srcs[p] (src_rows[p] >= n_p; src_rows null: n_p, a flat piece), so a piece can be a slice
+// of a longer chunk. Slots must be distinct over all pieces (LMCSGL_ERR_INVALID otherwise).
 LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, int64_t row_bytes,
                                          const int64_t* slots, const int64_t* offsets,
-                                         int64_t num_pieces, const void* const* srcs);
+                                         int64_t num_pieces, const void* const* srcs,
+                                         const int64_t* src_rows);
 
 // Byte-plane shuffle, n = nbytes / elem_size: dst[j * n + i] = src[i * elem_size + j].
 // nbytes must be a multiple of elem_size >= 1; src and dst must not overlap.
