@@ -179,17 +179,22 @@ class TierStack:
     def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]], *, lane: str = "prefix") -> list[Hit | None]:
         """get() of every (key, layout), promoted into `lane`; a tier that raises costs that
         chunk (None, logged). Chunks that come from cold tiers are read and decoded
-        concurrently, each on one core; each cold tier is first asked to fetch, at once,
-        the keys no tier above it holds (ColdTier.reading). Release each one that is not
-        None."""
+        concurrently, each on one core, while this thread pins the hot tier's; each cold
+        tier is first asked to fetch, at once, the keys no tier above it holds
+        (ColdTier.reading). Release each one that is not None."""
         with contextlib.ExitStack() as batch:
-            wanted = [key for key, _ in items if self.hot is None or key not in self.hot]
+            missing = [key for key, _ in items if self.hot is None or key not in self.hot]
+            wanted = missing
             for tier in self.cold:  # each cold tier fetches, at once, what the tiers above it lack
                 batch.enter_context(tier.reading(wanted))
                 wanted = [key for key in wanted if key not in tier]
-            if not self.cold or len(items) < 2:
-                return [self._get_or_none(key, layout, True, lane) for key, layout in items]
-            return list(_readers().map(lambda item: self._get_or_none(item[0], item[1], False, lane), items))
+            # Two or more from cold tiers: the readers fetch them, one per core; the rest here.
+            cold = set(missing) if self.cold and len(missing) > 1 else set()
+            fetch = [(key, layout) for key, layout in items if key in cold]
+            read = _readers().map(lambda item: self._get_or_none(item[0], item[1], False, lane), fetch)
+            here = iter([self._get_or_none(key, layout, True, lane) for key, layout in items if key not in cold])
+            fetched = iter(list(read))
+            return [next(fetched) if key in cold else next(here) for key, _ in items]
 
     def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool, lane: str) -> Hit | None:
         try:
