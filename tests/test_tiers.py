@@ -233,6 +233,26 @@ def test_stack_write_back_demotes_and_promotes(tmp_path):
     assert stack.metrics.snapshot()["load_bytes_total"] == {"disk": LAYOUT.nbytes}
 
 
+def test_get_many_pins_its_cpu_chunks_before_promoting_others(tmp_path):
+    """A load of chunks from the CPU tier and from the disk: promoting the disk ones must not
+    evict the CPU one it is about to use (write_back: an evicted chunk is only queued for
+    the disk, so it would be a miss). The CPU tier has room for one promotion; the other
+    disk chunk is read into a buffer of its own. Repeated: the readers' timing varies."""
+    for attempt in range(10):
+        disk = DiskTier(str(tmp_path / str(attempt)), 10**6)
+        stack = TierStack(CpuTier(2000, 1000), [disk], write_through=False)
+        for i in (1, 2):  # on the disk only
+            disk.put(key(i), LAYOUT, Payload(payload(i), 0))
+        disk.flush()
+        assert stack.store(key(0), LAYOUT, fill_with(0))  # in the CPU tier only
+        hits = stack.get_many([(key(1), LAYOUT), (key(2), LAYOUT), (key(0), LAYOUT)])
+        assert [h.tier if h else None for h in hits] == ["disk", "disk", "cpu"]
+        assert all(torch.equal(h.data, payload(i)) for h, i in zip(hits, (1, 2, 0)))
+        for i in (1, 2, 0):
+            stack.release(key(i))
+        stack.close()
+
+
 @pytest.mark.parametrize("write_through", [True, False])
 def test_positions_survive_write_through_demotion_and_promotion(tmp_path, write_through):
     """Each chunk's position comes back from whichever tier answers: the CPU tier, the

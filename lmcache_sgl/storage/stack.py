@@ -179,7 +179,7 @@ class TierStack:
     def get_many(self, items: Sequence[tuple[bytes, ChunkLayout]], *, lane: str = "prefix") -> list[Hit | None]:
         """get() of every (key, layout), promoted into `lane`; a tier that raises costs that
         chunk (None, logged). Chunks that come from cold tiers are read and decoded
-        concurrently, each on one core, while this thread pins the hot tier's; each cold
+        concurrently, each on one core, after this thread pinned the hot tier's; each cold
         tier is first asked to fetch, at once, the keys no tier above it holds
         (ColdTier.reading). Release each one that is not None."""
         with contextlib.ExitStack() as batch:
@@ -188,12 +188,12 @@ class TierStack:
             for tier in self.cold:  # each cold tier fetches, at once, what the tiers above it lack
                 batch.enter_context(tier.reading(wanted))
                 wanted = [key for key in wanted if key not in tier]
-            # Two or more from cold tiers: the readers fetch them, one per core; the rest here.
+            # The hot tier's chunks are pinned here first, so promotions cannot evict them;
+            # two or more from cold tiers are then fetched by the readers, one per core.
             cold = set(missing) if self.cold and len(missing) > 1 else set()
-            fetch = [(key, layout) for key, layout in items if key in cold]
-            read = _readers().map(lambda item: self._get_or_none(item[0], item[1], False, lane), fetch)
             here = iter([self._get_or_none(key, layout, True, lane) for key, layout in items if key not in cold])
-            fetched = iter(list(read))
+            fetch = [(key, layout) for key, layout in items if key in cold]
+            fetched = iter(list(_readers().map(lambda item: self._get_or_none(item[0], item[1], False, lane), fetch)))
             return [next(fetched) if key in cold else next(here) for key, _ in items]
 
     def _get_or_none(self, key: bytes, layout: ChunkLayout, parallel: bool, lane: str) -> Hit | None:
