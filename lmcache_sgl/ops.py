@@ -233,7 +233,6 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
     threads; elsewhere they are scattered one by one."""
     row_bytes = _check_pool(buffers)
     slots = _check_slots(slots, buffers[0])
-    per_slot = len(buffers) * row_bytes
     rows = [_piece_rows(src, buffers, row_bytes) for src in srcs]  # (n_p, rows between buffers)
     if sum(n for n, _ in rows) != slots.numel():
         raise ValueError(f"{len(srcs)} chunk buffers hold {sum(n for n, _ in rows)} slots, expected {slots.numel()}")
@@ -241,7 +240,7 @@ def scatter_many(buffers: Sequence[torch.Tensor], slots: torch.Tensor, srcs: Seq
     for n, _ in rows:
         offsets.append(offsets[-1] + n)
     distinct = "scatter_many needs distinct slots"
-    if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and per_slot):
+    if _CPU is None or buffers[0].device.type != "cpu" or not (slots.numel() and row_bytes):
         if torch.unique(slots).numel() != slots.numel():
             raise ValueError(distinct)
         for p, src in enumerate(srcs):
