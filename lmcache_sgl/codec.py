@@ -95,6 +95,15 @@ class LayoutMismatch(FrameError):
     pass
 
 
+# native.BlockError reasons as FrameErrors ("invalid": sizes the checked table rules out)
+_BLOCK_ERRORS = {
+    "short": TruncatedFrame,
+    "digest": ChecksumMismatch,
+    "decode": MalformedFrame,
+    "invalid": MalformedFrame,
+}
+
+
 @dataclass(frozen=True)
 class ChunkLayout:
     """The shape and dtype of one chunk buffer, e.g. MHA (2, layers, tokens, heads, dim)."""
@@ -292,11 +301,17 @@ def _parse_table(head: bytes, table: bytes, digest: bytes, codec: int, block_byt
     return _Frame(codec, block_bytes, sizes, tuple(d for _, d in entries), len(head) + len(table))
 
 
-def _targets(out: torch.Tensor, frame: _Frame, nbytes: int) -> tuple:
+def _flat_out(out: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """`out`'s bytes; ValueError unless it holds `nbytes`."""
     dst = out.reshape(-1).view(torch.uint8)
     if dst.numel() != nbytes:
         raise ValueError(f"output holds {dst.numel()} bytes, the chunk has {nbytes}")
-    return dst.split(frame.block_bytes) if nbytes else ()
+    return dst
+
+
+def _targets(out: torch.Tensor, frame: _Frame, nbytes: int) -> tuple:
+    """`out`'s bytes cut into the frame's blocks."""
+    return _flat_out(out, nbytes).split(frame.block_bytes) if nbytes else ()
 
 
 def _check_block(block, expected: int) -> None:
@@ -346,9 +361,10 @@ def read_into(
     fd: int, file_size: int, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True
 ) -> int:
     """decode_into for a frame in an open file: each block is read by the thread that
-    verifies and decodes it (raw blocks straight into `out`, zstd blocks into a per-thread
-    buffer); the chunk's position. Raises FrameError as decode_into does, OSError on a
-    read error."""
+    verifies and decodes it, in the compiled kernels where they are built (raw blocks
+    through a cache-sized per-thread buffer, zstd blocks through per-thread buffers), else
+    in Python (raw blocks straight into `out`); the chunk's position. Raises FrameError as
+    decode_into does, OSError on a read error."""
     head = _pread_exact(fd, _HEADER.size, 0)
     header = _parse_header(memoryview(head), key, layout)
     codec, block_bytes, nblocks = CODECS[header.codec], header.block_bytes, header.nblocks
@@ -360,11 +376,37 @@ def read_into(
     info = _parse_table(head, table, digest, codec, block_bytes, layout.nbytes)
     if file_size != info.size:
         raise TruncatedFrame(f"frame of {file_size} bytes, header says {info.size}")
-    targets = _targets(out, info, layout.nbytes)
-    offsets = info.offsets()
+    reader = _native_block_reader if native.HAVE_NATIVE_READ else _block_reader
+    _run(reader(fd, info, layout, _flat_out(out, layout.nbytes)), nblocks, parallel)
+    return header.position
 
-    def raw_blocks(lo: int, hi: int) -> None:  # consecutive in the file and in `out`
-        flat = out.reshape(-1).view(torch.uint8)
+
+def _native_block_reader(fd: int, info: _Frame, layout: ChunkLayout, flat: torch.Tensor):
+    """read_into's fn(lo, hi) over blocks: the kernels read, verify and decode them."""
+    zstd = info.codec == CODECS["zstd"]
+    frame = native.FrameBlocks(
+        fd, info.block_bytes, layout.nbytes, info.offsets(), info.sizes, info.digests, layout.itemsize if zstd else 0
+    )
+    out = flat.numpy()
+
+    def blocks(lo: int, hi: int) -> None:
+        stored = _scratch("stored", max(info.sizes[lo:hi], default=0)).numpy()
+        plain = _scratch("plain", info.block_bytes).numpy() if zstd else None
+        try:
+            frame.read(lo, hi, out, stored, plain)
+        except native.BlockError as e:
+            raise _BLOCK_ERRORS[e.reason](f"frame block {e.block}: {e.reason}") from None
+
+    return blocks
+
+
+def _block_reader(fd: int, info: _Frame, layout: ChunkLayout, flat: torch.Tensor):
+    """read_into's fn(lo, hi) over blocks in Python (where the kernels are not built): each
+    block read, verified and decoded by the thread that reads it."""
+    targets = _targets(flat, info, layout.nbytes)
+    offsets, block_bytes = info.offsets(), info.block_bytes
+
+    def raw_blocks(lo: int, hi: int) -> None:  # consecutive in the file and in `flat`
         for first in range(lo, hi, RAW_READ_BLOCKS):  # one read, then its digests, still in cache
             last = min(hi, first + RAW_READ_BLOCKS)
             _preadv_exact(fd, memoryview(flat[first * block_bytes : last * block_bytes].numpy()), offsets[first])
@@ -379,8 +421,7 @@ def read_into(
             _check_block(view, info.digests[i])
             _decompress_into(view, layout.itemsize, targets[i])
 
-    _run(raw_blocks if codec == CODECS["raw"] else zstd_blocks, nblocks, parallel)
-    return header.position
+    return zstd_blocks if info.codec == CODECS["zstd"] else raw_blocks
 
 
 def _decode_block(codec: int, block: memoryview, elem: int, out: torch.Tensor) -> None:

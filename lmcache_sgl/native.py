@@ -1,5 +1,6 @@
-"""xxh3-64, one-shot zstd decompression and memmove called through ctypes, which releases
-the GIL, so that the codec's per-block work runs on every core at once.
+"""xxh3-64, one-shot zstd decompression, memmove and the kernels' frame-block reader called
+through ctypes, which releases the GIL, so that the codec's per-block work runs on every
+core at once.
 
 The xxhash module holds the GIL while it hashes (measured: two threads hash no faster
 than one), zstandard's stream reader pays per-call object overhead, and torch's copy_
@@ -17,20 +18,29 @@ frame, or one that decodes to more or fewer bytes, raises ZstdError (and leaves 
 unspecified). `copy_into(dst, src)` copies bytes between buffers of one size. Buffers are
 contiguous objects with the buffer protocol (bytes, memoryview, numpy arrays; a torch
 tensor's .numpy()); every function is thread-safe.
+
+`FrameBlocks(...).read(lo, hi, ...)` reads, verifies and decodes a frame file's blocks in
+one call of the compiled kernels (src/kernels/: lmcsgl_read_blocks), lent the bound XXH3
+and ZSTD_decompressDCtx; `HAVE_NATIVE_READ` says whether it can run (kernels built, both
+functions bound).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import xxhash
 import zstandard
 
+from .ops import cpu_kernels
+
 ZstdError = zstandard.ZstdError
-_P, _SIZE = ctypes.c_void_p, ctypes.c_size_t
+_P, _SIZE, _I64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
 
 
 def _bind(path: str | None, name: str, args: list, restype):
@@ -56,6 +66,132 @@ _DECOMPRESS = _bind(_LIBZSTD, "ZSTD_decompressDCtx", [_P, _P, _SIZE, _P, _SIZE],
 HAVE_NATIVE_HASH = _XXH3 is not None
 HAVE_NATIVE_ZSTD = _CREATE_DCTX is not None and _DECOMPRESS is not None
 _local = threading.local()
+
+
+class _FrameBlocksArgs(ctypes.Structure):
+    """lmcsgl_frame_blocks (src/kernels/lmcsgl.h)."""
+
+    _fields_ = [
+        ("fd", _I64),
+        ("block_bytes", _I64),
+        ("raw_bytes", _I64),
+        ("offsets", _P),
+        ("sizes", _P),
+        ("digests", _P),
+        ("hash_reset", _P),
+        ("hash_update", _P),
+        ("hash_digest", _P),
+        ("decode", _P),
+        ("elem_size", _I64),
+    ]
+
+
+# XXH3-64's streaming functions (the block reader's digest), the dispatching entries where
+# there are (as for _XXH3).
+_XXH3_CREATE = _bind(_XXHASH_SO, "XXH3_createState", [], _P)
+_XXH3_STREAM = (
+    _bind(_XXHASH_SO, "XXH3_64bits_reset", [_P], ctypes.c_int),
+    _bind(_XXHASH_SO, "XXH3_64bits_update_dispatch", [_P, _P, _SIZE], ctypes.c_int)
+    or _bind(_XXHASH_SO, "XXH3_64bits_update", [_P, _P, _SIZE], ctypes.c_int),
+    _bind(_XXHASH_SO, "XXH3_64bits_digest", [_P], ctypes.c_uint64),
+)
+
+
+def _bind_read_blocks():
+    kernels = cpu_kernels()
+    if kernels is None or _XXH3_CREATE is None or None in _XXH3_STREAM or not HAVE_NATIVE_ZSTD:
+        return None
+    fn = kernels.lmcsgl_read_blocks
+    fn.argtypes = [ctypes.POINTER(_FrameBlocksArgs), _I64, _I64, _P, _P, _P, _P, _P, ctypes.POINTER(_I64)]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_READ_BLOCKS = _bind_read_blocks()
+HAVE_NATIVE_READ = _READ_BLOCKS is not None
+# lmcsgl_read_blocks' codes (lmcsgl.h): IO is an OSError; the rest, BlockError reasons.
+_ERR_IO = 3
+_BLOCK_ERRORS = {1: "invalid", 4: "short", 5: "digest", 6: "decode"}
+
+
+class BlockError(Exception):
+    """A frame block that must not be used; `reason`: short (the file ends inside it),
+    digest (its bytes differ from its digest), decode (it does not decode to its size) or
+    invalid (sizes that contradict the frame's layout); `block`: its index."""
+
+    def __init__(self, reason: str, block: int) -> None:
+        super().__init__(f"block {block}: {reason}")
+        self.reason, self.block = reason, block
+
+
+class FrameBlocks:
+    """The blocks of one frame in an open file (block i: sizes[i] stored bytes at offsets[i],
+    digest digests[i], chunk bytes [i * block_bytes, ...) of raw_bytes). `elem_size` 0: raw
+    blocks; else zstd blocks of byte planes of that element size. Requires HAVE_NATIVE_READ."""
+
+    def __init__(
+        self,
+        fd: int,
+        block_bytes: int,
+        raw_bytes: int,
+        offsets: Sequence[int],
+        sizes: Sequence[int],
+        digests: Sequence[int],
+        elem_size: int,
+    ) -> None:
+        count = len(offsets)
+        self._sizes, self._block_bytes = list(sizes), block_bytes
+        self._arrays = ((_I64 * count)(*offsets), (_I64 * count)(*sizes), (ctypes.c_uint64 * count)(*digests))
+        self._zstd = elem_size > 0
+        self._args = _FrameBlocksArgs(
+            fd,
+            block_bytes,
+            raw_bytes,
+            *(ctypes.cast(a, _P) for a in self._arrays),
+            *(ctypes.cast(fn, _P) for fn in _XXH3_STREAM),
+            ctypes.cast(_DECOMPRESS, _P) if self._zstd else None,
+            elem_size,
+        )
+
+    def read(self, lo: int, hi: int, out: np.ndarray, stored: np.ndarray, plain: np.ndarray | None) -> None:
+        """Blocks [lo, hi) into `out` (the writable chunk buffer, raw_bytes), on this thread
+        without the GIL, through `stored` (>= their largest stored size) and, for zstd,
+        `plain` (>= block_bytes). Raises OSError on a read error, BlockError on a bad block."""
+        if _READ_BLOCKS is None or not out.flags.writeable:
+            raise ValueError("the native frame reader is unavailable, or `out` is read-only")
+        if stored.size < max(self._sizes[max(lo, 0) : hi], default=0) or (
+            self._zstd and (plain is None or plain.size < self._block_bytes)
+        ):
+            raise ValueError("the buffers are smaller than the blocks they must hold")
+        detail = _I64(0)
+        ctx, plain_at = (_per_thread("dctx", _CREATE_DCTX), plain.ctypes.data) if plain is not None else (None, None)
+        rc = _READ_BLOCKS(
+            ctypes.byref(self._args),
+            lo,
+            hi,
+            out.ctypes.data,
+            _per_thread("xxh3_state", _XXH3_CREATE),
+            ctx,
+            stored.ctypes.data,
+            plain_at,
+            ctypes.byref(detail),
+        )
+        if rc == _ERR_IO:
+            raise OSError(detail.value, os.strerror(detail.value))
+        if rc != 0:
+            raise BlockError(_BLOCK_ERRORS.get(rc, f"code {rc}"), detail.value)
+
+
+def _per_thread(name: str, create) -> int:
+    """This thread's handle `name`, made by the C function `create` on first use and kept
+    for the thread's life (an XXH3 state, a zstd context)."""
+    handle = getattr(_local, name, None)
+    if handle is None:
+        handle = create()
+        if not handle:
+            raise MemoryError(f"{name}: {create.__name__} failed")
+        setattr(_local, name, handle)
+    return handle
 
 
 def _array(buf) -> np.ndarray:
@@ -86,14 +222,9 @@ def zstd_decompress_into(src, dst) -> None:
     if not d.flags.writeable:
         raise ValueError("dst must be writable")
     if HAVE_NATIVE_ZSTD:
-        dctx = getattr(_local, "dctx", None)
-        if dctx is None:
-            dctx = _local.dctx = _CREATE_DCTX()  # one per thread, kept for the thread's life
-            if not dctx:
-                raise MemoryError("ZSTD_createDCtx failed")
         s = _array(src)
         # An error is a size_t near 2**64 (ZSTD_isError's rule), never d.size.
-        got = _DECOMPRESS(dctx, d.ctypes.data, d.size, s.ctypes.data, s.size)
+        got = _DECOMPRESS(_per_thread("dctx", _CREATE_DCTX), d.ctypes.data, d.size, s.ctypes.data, s.size)
     else:
         got = _stream_decompress_into(src, d)
     if got != d.size:

@@ -54,6 +54,11 @@ except (OSError, AttributeError) as e:
 HAVE_EXTENSION: bool = _CPU is not None
 
 
+def cpu_kernels() -> ctypes.CDLL | None:
+    """The compiled CPU kernels library (for lmcache_sgl.native's frame reader); None when absent."""
+    return _CPU
+
+
 @functools.cache
 def _cuda_lib() -> ctypes.CDLL | None:
     """The CUDA library, loaded on first use with a CUDA tensor; None when absent."""

@@ -6,6 +6,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcache_sgl import native
 from lmcache_sgl.codec import (
     HEADER_BYTES,
     ChecksumMismatch,
@@ -25,6 +26,14 @@ from lmcache_sgl.codec import (
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(16)
+
+
+@pytest.fixture(params=["native", "python"])
+def file_reader(request, monkeypatch):
+    """read_into with the kernels' block reader, and with its Python fallback."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "HAVE_NATIVE_READ", False)
+    return request.param
 
 
 def kv_like(layout: ChunkLayout, seed: int = 0) -> torch.Tensor:
@@ -129,7 +138,7 @@ def test_encode_refuses_wrong_size():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(codec=st.sampled_from(["raw", "zstd"]), tokens=st.integers(1, 40), flip=st.integers(0, 10**6), cut=st.integers(0, 10**6))
-def test_read_into_a_file_matches_decode_and_refuses_damage(tmp_path_factory, codec, tokens, flip, cut):
+def test_read_into_a_file_matches_decode_and_refuses_damage(tmp_path_factory, file_reader, codec, tokens, flip, cut):
     """Reading a frame from a file (raw payloads straight into the output) gives the same
     bytes as decoding it from memory; a flipped bit or a cut file is a FrameError."""
     layout = ChunkLayout("mha", "bfloat16", (2, 2, tokens, 2, 8))
@@ -185,7 +194,7 @@ def test_frames_of_earlier_versions_are_refused_naming_the_version(tmp_path, cod
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(position=st.integers(0, 2**64 - 1), codec=st.sampled_from(["raw", "zstd"]))
-def test_the_position_round_trips_through_every_decoder(tmp_path_factory, position, codec):
+def test_the_position_round_trips_through_every_decoder(tmp_path_factory, file_reader, position, codec):
     data = kv_like(LAYOUT)
     frame = frame_bytes(encode(KEY, LAYOUT, data, codec, position=position))
     out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
@@ -208,7 +217,7 @@ def test_encode_refuses_a_position_outside_64_bits(position):
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
 @pytest.mark.parametrize("parallel", [True, False])
-def test_multi_block_frames_decode_in_ranges_and_a_bad_block_anywhere_is_caught(tmp_path, codec, parallel):
+def test_multi_block_frames_decode_in_ranges_and_a_bad_block_anywhere_is_caught(tmp_path, file_reader, codec, parallel):
     """3.5 blocks, decoded from memory and from a file, on every core or on one thread
     (the blocks go in one contiguous range per core): the same bytes; a bit flipped in
     any block's payload is a FrameError, whichever range it falls in."""

@@ -2,12 +2,15 @@
 #include "lmcsgl.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -266,6 +269,60 @@ int shuffle_impl(const void* src, void* dst, int64_t nbytes, int64_t elem_size) 
   return LMCSGL_OK;
 }
 
+// Reads len bytes at file offset `offset` into dst: LMCSGL_OK, ERR_IO (*err: errno) or ERR_SHORT.
+int pread_exact(int fd, char* dst, int64_t len, int64_t offset, int64_t* err) {
+  for (int64_t got = 0; got < len;) {
+    const ssize_t n = pread(fd, dst + got, static_cast<size_t>(len - got), offset + got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return *err = errno, LMCSGL_ERR_IO;
+    if (n == 0) return LMCSGL_ERR_SHORT;
+    got += n;
+  }
+  return LMCSGL_OK;
+}
+
+// n bytes from src to dst, with non-temporal stores when n and dst are multiples of 16 (a
+// chunk buffer is written once and read later, from memory).
+void stream_copy(char* dst, const char* src, int64_t n) {
+  const Segment seg{dst, src, n};
+  copy_group<true>(&seg, 1, n % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0);
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Raw blocks are read this much at a time into the caller's buffer, which stays in the
+// core's L2 while it is hashed and copied out (measured: 256 KiB beat 64, 128 and 1024).
+constexpr int64_t kRawPiece = int64_t(256) << 10;
+
+// One block of lmcsgl_read_blocks; *err: the errno of ERR_IO.
+int read_block(const lmcsgl_frame_blocks& f, int64_t i, char* out, void* state, void* ctx,
+               char* stored, char* plain, int64_t* err) {
+  const int64_t begin = i * f.block_bytes, len = std::min(f.block_bytes, f.raw_bytes - begin);
+  const int64_t size = f.sizes[i];
+  const int fd = static_cast<int>(f.fd);
+  f.hash_reset(state);
+  if (f.decode == nullptr) {
+    if (size != len) return LMCSGL_ERR_INVALID;
+    for (int64_t at = 0; at < len; at += kRawPiece) {
+      const int64_t piece = std::min(kRawPiece, len - at);
+      const int rc = pread_exact(fd, stored, piece, f.offsets[i] + at, err);
+      if (rc != LMCSGL_OK) return rc;
+      f.hash_update(state, stored, static_cast<size_t>(piece));
+      stream_copy(out + begin + at, stored, piece);
+    }
+    return f.hash_digest(state) == f.digests[i] ? LMCSGL_OK : LMCSGL_ERR_DIGEST;
+  }
+  const int rc = pread_exact(fd, stored, size, f.offsets[i], err);
+  if (rc != LMCSGL_OK) return rc;
+  f.hash_update(state, stored, static_cast<size_t>(size));
+  if (f.hash_digest(state) != f.digests[i]) return LMCSGL_ERR_DIGEST;
+  if (f.decode(ctx, plain, static_cast<size_t>(len), stored, static_cast<size_t>(size)) !=
+      static_cast<size_t>(len))
+    return LMCSGL_ERR_DECODE;
+  return shuffle_impl<true>(plain, out + begin, len, f.elem_size);  // one thread: a frame's blocks are < kSerialBytes
+}
+
 // RoPE element types: load() widens to fp32 exactly, store() rounds to nearest even.
 inline uint32_t f32_bits(float f) {
   uint32_t u;
@@ -443,6 +500,25 @@ LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, 
 LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes,
                                       int64_t elem_size) {
   return shuffle_impl<true>(src, dst, nbytes, elem_size);
+}
+
+LMCSGL_API int lmcsgl_read_blocks(const lmcsgl_frame_blocks* f, int64_t lo, int64_t hi, void* out,
+                                  void* state, void* ctx, void* stored, void* plain, int64_t* detail) {
+  if (f == nullptr || detail == nullptr || f->hash_reset == nullptr || f->hash_update == nullptr ||
+      f->hash_digest == nullptr || f->block_bytes <= 0 || f->raw_bytes < 0)
+    return LMCSGL_ERR_INVALID;
+  const int64_t blocks = f->raw_bytes / f->block_bytes + (f->raw_bytes % f->block_bytes != 0);
+  if (lo < 0 || lo > hi || hi > blocks ||
+      (lo < hi && (out == nullptr || state == nullptr || stored == nullptr)) ||
+      (f->decode != nullptr && (plain == nullptr || f->elem_size < 1 || f->block_bytes % f->elem_size != 0)))
+    return LMCSGL_ERR_INVALID;
+  for (int64_t i = lo; i < hi; ++i) {
+    int64_t err = 0;
+    const int rc = read_block(*f, i, static_cast<char*>(out), state, ctx, static_cast<char*>(stored),
+                              static_cast<char*>(plain), &err);
+    if (rc != LMCSGL_OK) return *detail = rc == LMCSGL_ERR_IO ? err : i, rc;
+  }
+  return LMCSGL_OK;
 }
 
 LMCSGL_API int lmcsgl_rope_rotate(void* x, int64_t dtype, int64_t rows, int64_t head_dim,

@@ -11,6 +11,7 @@
 // here (the caller checks 0 <= slot < pool size); buffers must not overlap each other or
 // the flat buffer.
 #pragma once
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(_WIN32)
@@ -22,6 +23,10 @@
 #define LMCSGL_OK 0
 #define LMCSGL_ERR_INVALID 1  // bad argument (negative size, nbytes % elem_size != 0, ...)
 #define LMCSGL_ERR_NOMEM 2    // host allocation failed
+#define LMCSGL_ERR_IO 3       // lmcsgl_read_blocks: a read failed (*detail: its errno)
+#define LMCSGL_ERR_SHORT 4    // lmcsgl_read_blocks: the file ends before a block does
+#define LMCSGL_ERR_DIGEST 5   // lmcsgl_read_blocks: a block's digest differs (*detail: block)
+#define LMCSGL_ERR_DECODE 6   // lmcsgl_read_blocks: a block does not decode to its size (*detail: block)
 
 // Element types of lmcsgl_rope_rotate.
 #define LMCSGL_DTYPE_FP32 0
@@ -60,6 +65,42 @@ LMCSGL_API int lmcsgl_scatter_rows_batch(void* const* bufs, int64_t num_bufs, in
 LMCSGL_API int lmcsgl_shuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
 // Inverse: dst[i * elem_size + j] = src[j * n + i].
 LMCSGL_API int lmcsgl_unshuffle_bytes(const void* src, void* dst, int64_t nbytes, int64_t elem_size);
+
+// Reading a verified frame's blocks from a file (lmcache_sgl/codec.py's frame format). The
+// library links no hash and no codec: the caller lends the functions it writes frames with.
+// The digest of a block is computed incrementally: reset(state), update(state, ...) over its
+// bytes in order, then digest(state) (XXH3-64's streaming functions on one state, which give
+// its one-shot digest). decode: zstd's one-shot decoder (ZSTD_decompressDCtx: the bytes
+// decoded into dst, or an error code, which is > cap).
+typedef int (*lmcsgl_hash_reset_fn)(void* state);
+typedef int (*lmcsgl_hash_update_fn)(void* state, const void* data, size_t len);
+typedef uint64_t (*lmcsgl_hash_digest_fn)(const void* state);
+typedef size_t (*lmcsgl_decode_fn)(void* ctx, void* dst, size_t cap, const void* src, size_t len);
+
+typedef struct {
+  int64_t fd;                // the open frame file
+  int64_t block_bytes;       // block i holds chunk bytes [i * block_bytes, min((i + 1) * block_bytes, raw_bytes))
+  int64_t raw_bytes;         // the chunk's bytes
+  const int64_t* offsets;    // block i is stored as sizes[i] bytes at file offset offsets[i],
+  const int64_t* sizes;
+  const uint64_t* digests;   // whose digest is digests[i]
+  lmcsgl_hash_reset_fn hash_reset;
+  lmcsgl_hash_update_fn hash_update;
+  lmcsgl_hash_digest_fn hash_digest;
+  lmcsgl_decode_fn decode;   // null: raw blocks (the stored bytes are the chunk's bytes)
+  int64_t elem_size;         // decoded blocks hold byte planes of this element size (lmcsgl_shuffle_bytes)
+} lmcsgl_frame_blocks;
+
+// Blocks [lo, hi) of frame f into the chunk buffer out (raw_bytes), on the calling thread,
+// with this thread's hash `state`, zstd `ctx` and buffers `stored` (at least the largest
+// sizes[i]) and `plain` (zstd: at least block_bytes). A raw block (sizes[i] must be its
+// length) is read a cache-sized piece at a time into `stored`, hashed there and streamed
+// into out; a zstd block is read into `stored`, checked, decoded into `plain` with
+// decode(ctx, ...) and unshuffled into out. Returns 0, or an LMCSGL_ERR_* code (INVALID
+// for a bad argument) with *detail naming the first failing block (ERR_IO: the errno);
+// out's bytes are then unspecified.
+LMCSGL_API int lmcsgl_read_blocks(const lmcsgl_frame_blocks* f, int64_t lo, int64_t hi, void* out,
+                                  void* state, void* ctx, void* stored, void* plain, int64_t* detail);
 
 // RoPE re-rotation in place: x is `rows` contiguous vectors of head_dim elements of `dtype`
 // (LMCSGL_DTYPE_*). In each, the first rotary_dim elements (even, <= head_dim) form
