@@ -6,6 +6,9 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import zstandard
+
+from lmcache_sgl import codec as codec_module
 from lmcache_sgl import native
 from lmcache_sgl.codec import (
     HEADER_BYTES,
@@ -80,6 +83,24 @@ def test_multi_block_zstd_roundtrip_and_ratio():
     frame, out = roundtrip(layout, data, "zstd")
     assert torch.equal(out, data.reshape(-1).view(torch.uint8))
     assert len(frame) < layout.nbytes  # the exponent plane compresses
+
+
+@pytest.mark.parametrize("level", [1, 3, 19])
+def test_zstd_frames_of_the_earlier_encoder_still_decode(tmp_path, monkeypatch, level):
+    """Frames written before the encoder kept its match finder small (zstd's own settings
+    for the level) are read like new ones: the small match finder changes what is
+    written, never what a frame means."""
+    layout = ChunkLayout("mha", "bfloat16", (2, 2, 300, 4, 64))  # 1.2 MiB: two blocks
+    data = kv_like(layout)
+    new = frame_bytes(encode(KEY, layout, data, "zstd", level))
+    monkeypatch.setattr(codec_module, "compressor", lambda lvl: zstandard.ZstdCompressor(level=lvl))
+    monkeypatch.setattr(codec_module._local, "cctx", None, raising=False)  # the thread's cached compressor
+    old = frame_bytes(encode(KEY, layout, data, "zstd", level))
+    assert old != new
+    for frame in (old, new):
+        out = torch.empty(layout.nbytes, dtype=torch.uint8)
+        decode_into(frame, KEY, layout, out)
+        assert torch.equal(out, data.reshape(-1).view(torch.uint8))
 
 
 LAYOUT = ChunkLayout("mha", "bfloat16", (2, 2, 16, 2, 8))
