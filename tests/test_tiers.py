@@ -53,6 +53,22 @@ def test_cpu_arena_population_keeps_bytes():
     assert torch.equal(arena, data)
 
 
+def test_cpu_arena_is_faulted_in_at_background_priority(monkeypatch):
+    """The populate thread takes a core for ~0.5 s per GiB while the first requests run:
+    it must yield the CPU to them, as the cold tiers' writers do."""
+    from lmcache_sgl.storage import cpu as cpu_module
+
+    seen: list[int] = []
+    monkeypatch.setattr(
+        cpu_module, "_populate", lambda arena: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    )
+    CpuTier(4 << 20, 1 << 20)
+    populate = next((t for t in threading.enumerate() if t.name == "lmcsgl-cpu-populate"), None)
+    if populate is not None:
+        populate.join(timeout=10)
+    assert seen == [19]
+
+
 def test_cpu_tier_pins_block_eviction_and_layout_is_checked():
     cpu = CpuTier(2000, 1000)
     cpu.store(key(0), LAYOUT, fill_with(0))

@@ -24,7 +24,9 @@ from .base import Payload
 
 log = logging.getLogger("lmcache_sgl")
 IDLE_SETTLE_S = 0.2  # the server must stay idle this long: a gap between two requests is not idleness
-WRITER_NICENESS = 19  # encoding and writing yield the CPU to the model's forward
+BACKGROUND_NICENESS = (
+    19  # background work (encoding, writing, faulting in the CPU arena) yields the CPU to the model's forward
+)
 Sink = Callable[[list[tuple[bytes, ChunkLayout, Payload]]], None]
 
 
@@ -141,10 +143,7 @@ class AsyncWriter:
 
     # ---- workers -----------------------------------------------------------------
     def _work(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except OSError:
-            pass
+        lower_priority()
         while True:
             batch = self._next()
             if not batch:
@@ -188,3 +187,12 @@ class AsyncWriter:
             self._pending.discard(item.key)
             self.queued_bytes -= item.payload.owned_bytes
             self._cond.notify_all()
+
+
+def lower_priority() -> None:
+    """Run the calling thread at BACKGROUND_NICENESS from now on (best effort: where it
+    cannot be set, the thread keeps its priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except OSError:
+        pass
