@@ -164,7 +164,9 @@ class FrameBlocks:
         ):
             raise ValueError("the buffers are smaller than the blocks they must hold")
         detail = _I64(0)
-        ctx, plain_at = (_per_thread("dctx", _CREATE_DCTX), plain.ctypes.data) if plain is not None else (None, None)
+        ctx = plain_at = None
+        if self._zstd and plain is not None:  # (checked above: a zstd frame has `plain`)
+            ctx, plain_at = _per_thread("dctx", _CREATE_DCTX), plain.ctypes.data
         rc = _READ_BLOCKS(
             ctypes.byref(self._args),
             lo,
