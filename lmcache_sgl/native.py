@@ -109,6 +109,9 @@ def _bind_read_blocks():
 
 _READ_BLOCKS = _bind_read_blocks()
 HAVE_NATIVE_READ = _READ_BLOCKS is not None
+# The addresses every FrameBlocks lends the kernels: XXH3's reset, update, digest; zstd's decoder.
+_LENT_HASH = tuple(ctypes.cast(fn, _P) for fn in _XXH3_STREAM) if HAVE_NATIVE_READ else ()
+_LENT_DECODE = ctypes.cast(_DECOMPRESS, _P) if HAVE_NATIVE_READ else None
 # lmcsgl_read_blocks' codes (lmcsgl.h): IO is an OSError; the rest, BlockError reasons.
 _ERR_IO = 3
 _BLOCK_ERRORS = {1: "invalid", 4: "short", 5: "digest", 6: "decode"}
@@ -140,7 +143,7 @@ class FrameBlocks:
         elem_size: int,
     ) -> None:
         count = len(offsets)
-        self._sizes, self._block_bytes = list(sizes), block_bytes
+        self._sizes = list(sizes)
         self._arrays = ((_I64 * count)(*offsets), (_I64 * count)(*sizes), (ctypes.c_uint64 * count)(*digests))
         self._zstd = elem_size > 0
         self._args = _FrameBlocksArgs(
@@ -148,8 +151,8 @@ class FrameBlocks:
             block_bytes,
             raw_bytes,
             *(ctypes.cast(a, _P) for a in self._arrays),
-            *(ctypes.cast(fn, _P) for fn in _XXH3_STREAM),
-            ctypes.cast(_DECOMPRESS, _P) if self._zstd else None,
+            *_LENT_HASH,
+            _LENT_DECODE if self._zstd else None,
             elem_size,
         )
 
@@ -160,7 +163,7 @@ class FrameBlocks:
         if _READ_BLOCKS is None or not out.flags.writeable:
             raise ValueError("the native frame reader is unavailable, or `out` is read-only")
         if stored.size < max(self._sizes[max(lo, 0) : hi], default=0) or (
-            self._zstd and (plain is None or plain.size < self._block_bytes)
+            self._zstd and (plain is None or plain.size < self._args.block_bytes)
         ):
             raise ValueError("the buffers are smaller than the blocks they must hold")
         detail = _I64(0)
