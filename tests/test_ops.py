@@ -35,7 +35,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @st.composite
 def pools(draw: st.DrawFn, max_slots: int = 40):
-    """(buffers, slots): MHA [S, H, D] or MLA [S, 1, D] layers, slots with repeats and 0."""
+    """(buffers, slots): MHA [S, H, D] or MLA [S, 1, D] layers, slots with repeats and 0,
+    shuffled or sorted (runs of consecutive slots, which the kernels copy as one segment)."""
     dtype = draw(st.sampled_from(DTYPES))
     layers = draw(st.integers(1, 4))
     mla = draw(st.booleans())
@@ -45,7 +46,7 @@ def pools(draw: st.DrawFn, max_slots: int = 40):
     slots = draw(st.lists(st.integers(0, size - 1), max_size=max_slots))
     if draw(st.booleans()):
         slots = slots + [0] * draw(st.integers(1, 3))  # SGLang's padding slot
-    slots = draw(st.permutations(slots))
+    slots = sorted(slots) if draw(st.booleans()) else draw(st.permutations(slots))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     buffers = [random_bytes((size, heads, head_dim), dtype, gen) for _ in range(2 * layers)]
     index_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
@@ -108,24 +109,29 @@ def test_scatter_of_gather_restores_rows(case) -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("pattern", ["random+repeats", "runs", "runs+repeats"])
+@pytest.mark.parametrize("pattern", ["random+repeats", "runs", "runs+repeats", "mixed runs"])
 def test_large_calls_match(pattern: str) -> None:
-    """> 4 MiB: the threaded, non-temporal-store paths, with merged runs of slots or not."""
+    """> 4 MiB: the threaded, non-temporal-store paths, with merged runs of slots or not;
+    mixed runs: 2 to 8 rows of 1 KiB, segments on both sides of the kernels' long-segment size."""
     gen = torch.Generator().manual_seed(1)
     buffers = [random_bytes((1024, 8, 64), torch.bfloat16, gen) for _ in range(7)]  # odd: threads split a buffer
     if pattern == "random+repeats":
         slots = torch.randint(0, 1024, (700,), generator=gen)
         slots[::7] = 0
+    elif pattern == "mixed runs":
+        lengths = torch.randint(2, 9, (128,), generator=gen)
+        starts = torch.randperm(1024 // 8, generator=gen) * 8
+        slots = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())])
     else:  # shuffled runs of consecutive slots, as a paged allocator hands them out
         runs = torch.randperm(1024 // 16, generator=gen)[:44]
         slots = (runs[:, None] * 16 + torch.arange(16)).flatten()[:700]
         if pattern == "runs+repeats":
             slots[100:110] = slots[300:310]
-    out, ref = flat_for(buffers, 700), flat_for(buffers, 700)
+    out, ref = flat_for(buffers, len(slots)), flat_for(buffers, len(slots))
     ops.gather(buffers, slots, out)
     ops.reference_gather(buffers, slots, ref)
     assert_same_bits(out, ref)
-    src = random_bytes((7, 700, 512), torch.bfloat16, gen)
+    src = random_bytes((7, len(slots), 512), torch.bfloat16, gen)
     mine, theirs = [b.clone() for b in buffers], [b.clone() for b in buffers]
     ops.scatter(mine, slots, src)
     ops.reference_scatter(theirs, slots, src)
