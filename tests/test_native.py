@@ -139,17 +139,22 @@ def read_range(frames: native.FrameBlocks, lo: int, hi: int, out: np.ndarray, bl
     piece_kib=st.sampled_from([4, 300]),
     split=st.integers(0, 6),
     seed=st.integers(0, 2**32 - 1),
+    shift=st.sampled_from([0, 1]),
 )
-def test_frame_blocks_read_every_range_of_blocks_into_place(tmp_path_factory, elem, blocks, tail, piece_kib, split, seed):
+def test_frame_blocks_read_every_range_of_blocks_into_place(
+    tmp_path_factory, elem, blocks, tail, piece_kib, split, seed, shift
+):
     """Blocks (some larger than the reader's 256 KiB raw read, a shorter last one) read as two
-    ranges, as two threads would: the chunk's bytes exactly, raw or unshuffled from zstd."""
+    ranges, as two threads would: the chunk's bytes exactly, raw or unshuffled from zstd,
+    into an aligned output (non-temporal stores) or one shifted by a byte."""
     block = piece_kib << 10
     size = block * blocks + tail * 4
     data = np.random.default_rng(seed).integers(0, 4, size, dtype=np.uint8).tobytes()  # compressible
     frames, fd = block_reader(tmp_path_factory.mktemp("blocks"), data, block, elem)
     try:
         count = -(-size // block)
-        out = np.zeros(size, dtype=np.uint8)
+        out = np.zeros(size + 64, dtype=np.uint8)[64 - shift : 64 - shift + size]
+        assert size == 0 or (out.ctypes.data % 16 == 0) == (shift == 0)
         cut = min(split, count)
         read_range(frames, 0, cut, out, block)
         read_range(frames, cut, count, out, block)

@@ -221,6 +221,8 @@ void shuffle2(const uint8_t* src, uint8_t* dst, int64_t n, int64_t lo, int64_t h
   }
 }
 
+// kNT: non-temporal stores, for a 16-byte aligned dst that is read later, from memory.
+template <bool kNT = false>
 void unshuffle2(const uint8_t* src, uint8_t* dst, int64_t n, int64_t lo, int64_t hi) {
   const uint8_t* plane0 = src;
   const uint8_t* plane1 = src + n;
@@ -229,9 +231,10 @@ void unshuffle2(const uint8_t* src, uint8_t* dst, int64_t n, int64_t lo, int64_t
   for (; i + 16 <= hi; i += 16) {
     const __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(plane0 + i));
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(plane1 + i));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm_unpacklo_epi8(l, h));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i + 16), _mm_unpackhi_epi8(l, h));
+    store16<kNT>(reinterpret_cast<char*>(dst + 2 * i), _mm_unpacklo_epi8(l, h));
+    store16<kNT>(reinterpret_cast<char*>(dst + 2 * i + 16), _mm_unpackhi_epi8(l, h));
   }
+  if (kNT) _mm_sfence();
 #endif
   for (; i < hi; ++i) {
     dst[2 * i] = plane0[i];
@@ -332,7 +335,12 @@ int read_block(const lmcsgl_frame_blocks& f, int64_t i, char* out, void* state, 
   if (f.decode(ctx, plain, static_cast<size_t>(len), stored, static_cast<size_t>(size)) !=
       static_cast<size_t>(len))
     return LMCSGL_ERR_DECODE;
-  return shuffle_impl<true>(plain, out + begin, len, f.elem_size);  // one thread: a frame's blocks are < kSerialBytes
+  char* dst = out + begin;
+  if (f.elem_size == 2 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {  // bf16/fp16: the common case
+    unshuffle2<true>(reinterpret_cast<const uint8_t*>(plain), reinterpret_cast<uint8_t*>(dst), len / 2, 0, len / 2);
+    return LMCSGL_OK;
+  }
+  return shuffle_impl<true>(plain, dst, len, f.elem_size);  // one thread: a frame's blocks are < kSerialBytes
 }
 
 // RoPE element types: load() widens to fp32 exactly, store() rounds to nearest even.
