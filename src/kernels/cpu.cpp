@@ -26,7 +26,8 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;     // calls this large bypas
 // Short segments (below kLongSegment) are copied kGroup at a time in lockstep; longer ones
 // alone. Measured on SGLang's pool, whose K and V halves share one allocation per layer so
 // that every layer's rows sit at one page offset: 8 long streams in lockstep ran at a third
-// of memcpy (they share one L1 set), one at a time at memcpy; 4 short rows in lockstep beat 8.
+// of memcpy (probably one L1 set for all 8; not checked with counters), one at a time at
+// memcpy; 4 short rows in lockstep beat 8.
 constexpr int kGroup = 4;
 constexpr int64_t kLongSegment = int64_t(4) << 10;
 
