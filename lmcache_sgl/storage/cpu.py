@@ -38,25 +38,37 @@ from .writer import lower_priority
 
 EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor, int], None]  # key, layout, copy, position
 LANES = ("prefix", "segment")
+_MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_HUGE_PAGE = 2 << 20
 
 
-def _populate(arena: torch.Tensor, step: int = 64 << 20) -> None:
-    """Fault in the arena's pages, lowest first, without changing its bytes
-    (MADV_POPULATE_WRITE), so that a first store into a slab does not pay ~1 ms of page
-    faults per 2 MiB. Best effort: where the kernel lacks it, pages fault on first write."""
+def _populate(arena: torch.Tensor) -> None:
+    """Back the arena with transparent huge pages where the kernel allows
+    (MADV_HUGEPAGE) and fault its pages in, lowest first, one huge page per call, without
+    changing its bytes (MADV_POPULATE_WRITE), so that a first store into a slab takes no
+    page faults. Huge pages make this ~4x faster (2 GiB in ~0.3 s here, 1.2-2 s in 4 KiB
+    pages), and short calls let the process's other threads map memory in between: in
+    64 MiB calls a disk load of 64 MiB that overlapped them took 0.2-0.8 s instead of
+    ~40 ms. Best effort: where the kernel lacks either, pages fault on first write."""
     libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
     start = -(-arena.data_ptr() // page) * page
     end = (arena.data_ptr() + arena.numel()) // page * page
-    for lo in range(start, end, step):
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(min(step, end - lo)), _MADV_POPULATE_WRITE) != 0:
+    if end <= start:
+        return
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    lo = start
+    while lo < end:
+        hi = min((lo // _HUGE_PAGE + 1) * _HUGE_PAGE, end)  # the next huge-page boundary
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_WRITE) != 0:
             return
+        lo = hi
 
 
 def _populate_in_background(arena: torch.Tensor) -> None:
     """The arena's populate thread: _populate at background priority, since it takes a
-    core for ~0.5 s per GiB (measured here) while the server's first requests run."""
+    core while the server's first requests run."""
     lower_priority()
     _populate(arena)
 
