@@ -34,7 +34,6 @@ import torch
 from ..codec import ChunkLayout
 from ..metrics import CacheMetrics
 from .base import Held, Payload
-from .writer import lower_priority
 
 EvictHook = Callable[[bytes, ChunkLayout, torch.Tensor, int], None]  # key, layout, copy, position
 LANES = ("prefix", "segment")
@@ -47,10 +46,12 @@ def _populate(arena: torch.Tensor) -> None:
     """Back the arena with transparent huge pages where the kernel allows
     (MADV_HUGEPAGE) and fault its pages in, lowest first, one huge page per call, without
     changing its bytes (MADV_POPULATE_WRITE), so that a first store into a slab takes no
-    page faults. Huge pages make this ~4x faster (2 GiB in ~0.3 s here, 1.2-2 s in 4 KiB
-    pages), and short calls let the process's other threads map memory in between: in
-    64 MiB calls a disk load of 64 MiB that overlapped them took 0.2-0.8 s instead of
-    ~40 ms. Best effort: where the kernel lacks either, pages fault on first write."""
+    page faults. Short calls let the process's other threads map memory in between (in
+    64 MiB calls a 64 MiB disk load that overlapped them took 0.2-0.8 s instead of
+    ~40 ms). Meant for a thread of normal priority: a niced one, descheduled inside a
+    call while it holds the memory-map lock, stalled every allocation of the other
+    threads (up to 1.2 s for 64 MiB with both cores busy, and never finished). Best
+    effort: where the kernel lacks either advice, pages fault on first write."""
     libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
     start = -(-arena.data_ptr() // page) * page
@@ -64,13 +65,6 @@ def _populate(arena: torch.Tensor) -> None:
         if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_WRITE) != 0:
             return
         lo = hi
-
-
-def _populate_in_background(arena: torch.Tensor) -> None:
-    """The arena's populate thread: _populate at background priority, since it takes a
-    core while the server's first requests run."""
-    lower_priority()
-    _populate(arena)
 
 
 @dataclass
@@ -112,9 +106,7 @@ class CpuTier:
         pin = torch.cuda.is_available()
         self._arena = torch.empty(self.num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=pin)
         if not pin and sys.platform == "linux" and self._arena.numel():
-            threading.Thread(
-                target=_populate_in_background, args=(self._arena,), name="lmcsgl-cpu-populate", daemon=True
-            ).start()
+            threading.Thread(target=_populate, args=(self._arena,), name="lmcsgl-cpu-populate", daemon=True).start()
         self._free = list(range(self.num_slabs - 1, -1, -1))  # pop() takes the lowest slab: populated first
         self._entries: dict[bytes, _Entry] = {}
         self._lru: dict[str, OrderedDict[bytes, _Entry]] = {lane: OrderedDict() for lane in LANES}  # LRU first
