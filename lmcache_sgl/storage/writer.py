@@ -24,7 +24,7 @@ from .base import Payload
 
 log = logging.getLogger("lmcache_sgl")
 IDLE_SETTLE_S = 0.2  # the server must stay idle this long: a gap between two requests is not idleness
-# Background work (encoding, writing, faulting in the CPU arena) yields the CPU to the model's forward.
+# Background work (encoding, writing) yields the CPU to the model's forward.
 BACKGROUND_NICENESS = 19
 Sink = Callable[[list[tuple[bytes, ChunkLayout, Payload]]], None]
 
