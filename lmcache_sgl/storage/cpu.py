@@ -50,8 +50,8 @@ def _populate(arena: torch.Tensor) -> None:
     64 MiB calls a 64 MiB disk load that overlapped them took 0.2-0.8 s instead of
     ~40 ms). Meant for a thread of normal priority: a niced one, descheduled inside a
     call while it holds the memory-map lock, stalled every allocation of the other
-    threads (up to 1.2 s for 64 MiB with both cores busy, and never finished). Best
-    effort: where the kernel lacks either advice, pages fault on first write."""
+    threads (up to 1.2 s for 64 MiB with both cores busy; it had not finished after
+    20 s). Best effort: where the kernel lacks either advice, pages fault on first write."""
     libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
     start = -(-arena.data_ptr() // page) * page
