@@ -11,6 +11,7 @@ import zstandard
 from lmcache_sgl import codec as codec_module
 from lmcache_sgl import native
 from lmcache_sgl.codec import (
+    BLOCK_BYTES,
     HEADER_BYTES,
     ChecksumMismatch,
     ChunkLayout,
@@ -101,6 +102,39 @@ def test_zstd_frames_of_the_earlier_encoder_still_decode(tmp_path, monkeypatch, 
         out = torch.empty(layout.nbytes, dtype=torch.uint8)
         decode_into(frame, KEY, layout, out)
         assert torch.equal(out, data.reshape(-1).view(torch.uint8))
+
+
+def test_zstd_frames_of_1_mib_blocks_still_decode(tmp_path, file_reader, monkeypatch):
+    """zstd frames written while zstd blocks were 1 MiB (as raw ones still are) are read
+    from memory and from a file like frames of today's blocks."""
+    layout = ChunkLayout("mha", "bfloat16", (2, 4, 7 * 1024, 2, 16))  # 3.5 MiB
+    data = kv_like(layout)
+    monkeypatch.setitem(codec_module.BLOCK_BYTES, "zstd", 1 << 20)
+    parts = encode(KEY, layout, data, "zstd")
+    assert len(parts[2:-1]) == 4 and parse_header(parts[0]).block_bytes == 1 << 20
+    frame = frame_bytes(parts)
+    path = tmp_path / "f.lmsg"
+    path.write_bytes(frame)
+    outs = [torch.empty(layout.nbytes, dtype=torch.uint8) for _ in range(2)]
+    decode_into(frame, KEY, layout, outs[0])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_into(fd, len(frame), KEY, layout, outs[1])
+    finally:
+        os.close(fd)
+    assert all(torch.equal(out, data.reshape(-1).view(torch.uint8)) for out in outs)
+
+
+@pytest.mark.parametrize("block_bytes", [(1 << 16) - 2, (1 << 20) + 2, (1 << 18) + 1, 0])
+def test_a_header_naming_blocks_outside_the_accepted_sizes_is_malformed(block_bytes):
+    """Block sizes below 64 KiB or above 1 MiB, or not a whole number of elements, are
+    refused even when the block count agrees with them."""
+    layout = ChunkLayout("mha", "bfloat16", (2, 4, 7 * 1024, 2, 16))
+    fields = list(codec_module._HEADER.unpack(encode(KEY, layout, kv_like(layout), "zstd")[0]))
+    fields[-3] = block_bytes
+    fields[-2] = -(-layout.nbytes // block_bytes) if block_bytes else 0
+    with pytest.raises(MalformedFrame, match="blocks of"):
+        parse_header(codec_module._HEADER.pack(*fields))
 
 
 LAYOUT = ChunkLayout("mha", "bfloat16", (2, 2, 16, 2, 8))
@@ -242,7 +276,7 @@ def test_multi_block_frames_decode_in_ranges_and_a_bad_block_anywhere_is_caught(
     """3.5 blocks, decoded from memory and from a file, on every core or on one thread
     (the blocks go in one contiguous range per core): the same bytes; a bit flipped in
     any block's payload is a FrameError, whichever range it falls in."""
-    layout = ChunkLayout("mha", "bfloat16", (2, 4, 7 * 1024, 2, 16))  # 3.5 MiB
+    layout = ChunkLayout("mha", "bfloat16", (2, 4, 7 * BLOCK_BYTES[codec] // 1024, 2, 16))  # 512 B a token
     data = torch.randn(layout.shape).to(torch.bfloat16)
     parts = encode(KEY, layout, data, codec)
     frame = frame_bytes(parts)
