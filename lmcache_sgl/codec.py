@@ -386,8 +386,8 @@ def read_into(
 ) -> int:
     """decode_into for a frame in an open file: each block is read by the thread that
     verifies and decodes it, in the compiled kernels where they are built (raw blocks
-    through a cache-sized per-thread buffer, zstd blocks through per-thread buffers), else
-    in Python (raw blocks straight into `out`); the chunk's position. Raises FrameError as
+    straight into `out`, a cache-sized piece at a time; zstd blocks through per-thread
+    buffers), else in Python (raw blocks straight into `out`); the chunk's position. Raises FrameError as
     decode_into does, OSError on a read error."""
     head = _pread_exact(fd, _HEADER.size, 0)
     header = _parse_header(memoryview(head), key, layout)
@@ -414,8 +414,10 @@ def _native_block_reader(fd: int, info: _Frame, layout: ChunkLayout, flat: torch
     out = flat.numpy()
 
     def blocks(lo: int, hi: int) -> None:
-        stored = _scratch("stored", max(info.sizes[lo:hi], default=0)).numpy()
-        plain = _scratch("plain", info.block_bytes).numpy() if zstd else None
+        stored = plain = None
+        if zstd:
+            stored = _scratch("stored", max(info.sizes[lo:hi], default=0)).numpy()
+            plain = _scratch("plain", info.block_bytes).numpy()
         try:
             frame.read(lo, hi, out, stored, plain)
         except native.BlockError as e:

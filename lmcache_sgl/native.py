@@ -156,20 +156,24 @@ class FrameBlocks:
             elem_size,
         )
 
-    def read(self, lo: int, hi: int, out: np.ndarray, stored: np.ndarray, plain: np.ndarray | None) -> None:
+    def read(self, lo: int, hi: int, out: np.ndarray, stored: np.ndarray | None, plain: np.ndarray | None) -> None:
         """Blocks [lo, hi) into `out` (the writable chunk buffer, raw_bytes), on this thread
-        without the GIL, through `stored` (>= their largest stored size) and, for zstd,
-        `plain` (>= block_bytes). Raises OSError on a read error, BlockError on a bad block."""
+        without the GIL; zstd blocks through `stored` (>= their largest stored size) and
+        `plain` (>= block_bytes), which raw blocks do not use. Raises OSError on a read
+        error, BlockError on a bad block."""
         if _READ_BLOCKS is None or not out.flags.writeable:
             raise ValueError("the native frame reader is unavailable, or `out` is read-only")
-        if stored.size < max(self._sizes[max(lo, 0) : hi], default=0) or (
-            self._zstd and (plain is None or plain.size < self._args.block_bytes)
-        ):
-            raise ValueError("the buffers are smaller than the blocks they must hold")
         detail = _I64(0)
-        ctx = plain_at = None
-        if self._zstd and plain is not None:  # (checked above: a zstd frame has `plain`)
-            ctx, plain_at = _per_thread("dctx", _CREATE_DCTX), plain.ctypes.data
+        ctx = stored_at = plain_at = None
+        if self._zstd:
+            if (
+                stored is None
+                or plain is None
+                or stored.size < max(self._sizes[max(lo, 0) : hi], default=0)
+                or plain.size < self._args.block_bytes
+            ):
+                raise ValueError("the buffers are smaller than the blocks they must hold")
+            ctx, stored_at, plain_at = _per_thread("dctx", _CREATE_DCTX), stored.ctypes.data, plain.ctypes.data
         rc = _READ_BLOCKS(
             ctypes.byref(self._args),
             lo,
@@ -177,7 +181,7 @@ class FrameBlocks:
             out.ctypes.data,
             _per_thread("xxh3_state", _XXH3_CREATE),
             ctx,
-            stored.ctypes.data,
+            stored_at,
             plain_at,
             ctypes.byref(detail),
         )

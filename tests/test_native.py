@@ -217,7 +217,20 @@ def test_frame_blocks_refuse_ranges_outside_the_frame_and_read_only_output(tmp_p
                 read_range(frames, lo, hi, np.zeros(len(data), dtype=np.uint8), 4096)
         with pytest.raises(ValueError, match="read-only"):
             frames.read(0, 1, np.frombuffer(bytes(len(data)), dtype=np.uint8), np.empty(4096, dtype=np.uint8), None)
-        with pytest.raises(ValueError, match="smaller"):
-            frames.read(0, 1, np.zeros(len(data), dtype=np.uint8), np.empty(4095, dtype=np.uint8), None)
+        out = np.zeros(len(data), dtype=np.uint8)
+        frames.read(0, 4, out, None, None)  # raw blocks need no buffers of their own
+        assert out.tobytes() == data
+    finally:
+        os.close(fd)
+    frames, fd = block_reader(tmp_path, data, 4096, 2, name="z")
+    try:
+        largest = max(frames._arrays[1])
+        for stored, plain in [(largest - 1, 4096), (largest, 4095), (None, 4096), (largest, None)]:
+            with pytest.raises(ValueError, match="smaller"):
+                frames.read(
+                    0, 4, np.zeros(len(data), dtype=np.uint8),
+                    None if stored is None else np.empty(stored, dtype=np.uint8),
+                    None if plain is None else np.empty(plain, dtype=np.uint8),
+                )
     finally:
         os.close(fd)

@@ -297,18 +297,8 @@ int pread_exact(int fd, char* dst, int64_t len, int64_t offset, int64_t* err) {
   return LMCSGL_OK;
 }
 
-// n bytes from src to dst, with non-temporal stores when n and dst are multiples of 16 (a
-// chunk buffer is written once and read later, from memory).
-void stream_copy(char* dst, const char* src, int64_t n) {
-  const Segment seg{dst, src, n};
-  copy_group<true>(&seg, 1, n % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0);
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-// Raw blocks are read this much at a time into the caller's buffer, which stays in the
-// core's L2 while it is hashed and copied out (measured: 256 KiB beat 64, 128 and 1024).
+// Raw blocks are read this much at a time straight into the chunk buffer and hashed there
+// while the piece is still in the core's L2.
 constexpr int64_t kRawPiece = int64_t(256) << 10;
 
 // One block of lmcsgl_read_blocks; *err: the errno of ERR_IO.
@@ -322,10 +312,10 @@ int read_block(const lmcsgl_frame_blocks& f, int64_t i, char* out, void* state, 
     if (size != len) return LMCSGL_ERR_INVALID;
     for (int64_t at = 0; at < len; at += kRawPiece) {
       const int64_t piece = std::min(kRawPiece, len - at);
-      const int rc = pread_exact(fd, stored, piece, f.offsets[i] + at, err);
+      char* dst = out + begin + at;
+      const int rc = pread_exact(fd, dst, piece, f.offsets[i] + at, err);
       if (rc != LMCSGL_OK) return rc;
-      f.hash_update(state, stored, static_cast<size_t>(piece));
-      stream_copy(out + begin + at, stored, piece);
+      f.hash_update(state, dst, static_cast<size_t>(piece));
     }
     return f.hash_digest(state) == f.digests[i] ? LMCSGL_OK : LMCSGL_ERR_DIGEST;
   }
@@ -530,8 +520,9 @@ LMCSGL_API int lmcsgl_read_blocks(const lmcsgl_frame_blocks* f, int64_t lo, int6
     return LMCSGL_ERR_INVALID;
   const int64_t blocks = f->raw_bytes / f->block_bytes + (f->raw_bytes % f->block_bytes != 0);
   if (lo < 0 || lo > hi || hi > blocks ||
-      (lo < hi && (out == nullptr || state == nullptr || stored == nullptr)) ||
-      (f->decode != nullptr && (plain == nullptr || f->elem_size < 1 || f->block_bytes % f->elem_size != 0)))
+      (lo < hi && (out == nullptr || state == nullptr)) ||
+      (f->decode != nullptr &&
+       (stored == nullptr || plain == nullptr || f->elem_size < 1 || f->block_bytes % f->elem_size != 0)))
     return LMCSGL_ERR_INVALID;
   for (int64_t i = lo; i < hi; ++i) {
     int64_t err = 0;

@@ -92,11 +92,11 @@ typedef struct {
 } lmcsgl_frame_blocks;
 
 // Blocks [lo, hi) of frame f into the chunk buffer out (raw_bytes), on the calling thread,
-// with this thread's hash `state`, zstd `ctx` and buffers `stored` (at least the largest
-// sizes[i]) and `plain` (zstd: at least block_bytes). A raw block (sizes[i] must be its
-// length) is read a cache-sized piece at a time into `stored`, hashed there and streamed
-// into out; a zstd block is read into `stored`, checked, decoded into `plain` with
-// decode(ctx, ...) and unshuffled into out. Returns 0, or an LMCSGL_ERR_* code (INVALID
+// with this thread's hash `state` and, for zstd, its `ctx` and buffers `stored` (at least
+// the largest sizes[i]) and `plain` (at least block_bytes; both may be null for raw blocks).
+// A raw block (sizes[i] must be its length) is read a cache-sized piece at a time straight
+// into out and hashed there; a zstd block is read into `stored`, checked, decoded into
+// `plain` with decode(ctx, ...) and unshuffled into out. Returns 0, or an LMCSGL_ERR_* code (INVALID
 // for a bad argument) with *detail naming the first failing block (ERR_IO: the errno);
 // out's bytes are then unspecified.
 LMCSGL_API int lmcsgl_read_blocks(const lmcsgl_frame_blocks* f, int64_t lo, int64_t hi, void* out,
