@@ -465,6 +465,34 @@ def test_second_live_owner_of_a_directory_is_refused(tmp_path):
     DiskTier(str(tmp_path), 10**6).close()  # the lock dies with its owner
 
 
+def test_reading_asks_read_ahead_of_every_wanted_frame_and_skips_what_it_cannot_open(tmp_path, monkeypatch):
+    """reading() advises WILLNEED once per wanted, indexed, regular frame file; a key not
+    held, a vanished file and a planted FIFO are skipped without raising or blocking, and
+    the frames still read as before."""
+    disk = DiskTier(str(tmp_path / "d"), 10**6)
+    for i in range(4):
+        disk.put(key(i), LAYOUT, owned(i))
+    disk.flush()
+    os.unlink(disk._file(key(2)))
+    os.unlink(disk._file(key(3)))
+    os.mkfifo(disk._file(key(3)))
+    advised = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    with disk.reading([key(i) for i in range(6)]):
+        assert sorted(advised) == sorted((disk._file(key(i)), 0, 0, os.POSIX_FADV_WILLNEED) for i in (0, 1))
+        out = torch.empty(LAYOUT.nbytes, dtype=torch.uint8)
+        for i in (0, 1):
+            assert disk.get_into(key(i), LAYOUT, out) == 0 and torch.equal(out, payload(i))
+        assert disk.get_into(key(2), LAYOUT, out) is None
+    disk.close()
+
+
 def test_planted_fifo_and_symlink_are_never_read(tmp_path):
     """A FIFO named like a frame must not block the server, and a symlinked frame must
     not be served from outside the directory."""

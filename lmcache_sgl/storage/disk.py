@@ -225,7 +225,24 @@ class DiskTier:
 
     # ---- reads -------------------------------------------------------------------
     def reading(self, keys: Sequence[bytes]) -> contextlib.nullcontext:
-        """See ColdTier.reading: a file is read when it is wanted."""
+        """See ColdTier.reading: asks the kernel to read ahead every wanted frame at once
+        (POSIX_FADV_WILLNEED), so that frames not in the page cache are read from the
+        device together rather than one per reader thread at a time (measured here, 32
+        zstd frames of 1.4 MiB after dropping the page cache: 29-35 ms against 48-94 ms).
+        A file that is gone or not a regular file is skipped; its read will miss."""
+        with self._lock:
+            paths = [self._file(key) for key in keys if key in self._index]
+        for path in paths:
+            try:
+                fd, _ = open_frame(path)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
         return contextlib.nullcontext()
 
     def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int | None:
