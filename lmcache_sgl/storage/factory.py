@@ -29,7 +29,11 @@ def build_stack(
     stays within max_local_disk_size. The Redis tier (remote_url) comes after the disk
     tier; TP ranks share it (their keys differ by the rank in the namespace)."""
     share = config.blend_segment_share if config.enable_blending else 0.0  # the CPU tier's segment lane
-    hot = CpuTier(config.cpu_bytes, slab_bytes, metrics=metrics, segment_share=share) if config.local_cpu else None
+    hot = (
+        CpuTier(config.cpu_bytes, slab_bytes, metrics=metrics, segment_share=share, idle=idle)
+        if config.local_cpu
+        else None
+    )
     cold: list[ColdTier] = []
     if config.disk_path:
         path = config.disk_path if tp_size == 1 else os.path.join(config.disk_path, f"tp{tp_rank}of{tp_size}")
