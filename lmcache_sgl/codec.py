@@ -387,8 +387,8 @@ def read_into(
     """decode_into for a frame in an open file: each block is read by the thread that
     verifies and decodes it, in the compiled kernels where they are built (raw blocks
     straight into `out`, a cache-sized piece at a time; zstd blocks through per-thread
-    buffers), else in Python (raw blocks straight into `out`); the chunk's position. Raises FrameError as
-    decode_into does, OSError on a read error."""
+    buffers), else in Python (raw blocks straight into `out`); the chunk's position.
+    Raises FrameError as decode_into does, OSError on a read error."""
     head = _pread_exact(fd, _HEADER.size, 0)
     header = _parse_header(memoryview(head), key, layout)
     codec, block_bytes, nblocks = CODECS[header.codec], header.block_bytes, header.nblocks

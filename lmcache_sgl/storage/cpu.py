@@ -2,10 +2,10 @@
 
 One slab holds one chunk, and remembers the position its KV was computed at. The arena
 is allocated once (page-locked when CUDA is present; otherwise its pages are faulted in
-by a background thread while the server is idle), so the hot path neither allocates nor
-takes page faults once that is done. Pinned entries (being loaded, protected for a promised load, or lent to a cold
-tier's writer) are never evicted. An entry is verified on every read by its key and
-layout.
+by a background thread while the server is idle), so the hot path neither allocates nor,
+once that is done, takes page faults. Pinned entries (being loaded, protected for a
+promised load, or lent to a cold tier's writer) are never evicted. An entry is verified
+on every read by its key and layout.
 
 Two lanes keep their own LRU order: "prefix" (prefix-chained chunks) and "segment"
 (position-independent segments, reused anywhere in a prompt). With a segment share s,

@@ -96,9 +96,9 @@ typedef struct {
 // the largest sizes[i]) and `plain` (at least block_bytes; both may be null for raw blocks).
 // A raw block (sizes[i] must be its length) is read a cache-sized piece at a time straight
 // into out and hashed there; a zstd block is read into `stored`, checked, decoded into
-// `plain` with decode(ctx, ...) and unshuffled into out. Returns 0, or an LMCSGL_ERR_* code (INVALID
-// for a bad argument) with *detail naming the first failing block (ERR_IO: the errno);
-// out's bytes are then unspecified.
+// `plain` with decode(ctx, ...) and unshuffled into out. Returns 0, or an LMCSGL_ERR_*
+// code (INVALID for a bad argument) with *detail naming the first failing block (ERR_IO:
+// the errno); out's bytes are then unspecified.
 LMCSGL_API int lmcsgl_read_blocks(const lmcsgl_frame_blocks* f, int64_t lo, int64_t hi, void* out,
                                   void* state, void* ctx, void* stored, void* plain, int64_t* detail);
 
