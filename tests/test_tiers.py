@@ -1,8 +1,10 @@
 import errno
+import gc
 import os
 import stat
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_cpu_arena_population_keeps_bytes():
     data = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     arena = torch.empty_like(data)
     arena[: 3 << 20].copy_(data[: 3 << 20])  # some pages written, the rest untouched
-    _populate(arena)
+    _populate(lambda: arena)
     arena[3 << 20 :].copy_(data[3 << 20 :])
     assert torch.equal(arena, data)
 
@@ -68,7 +70,7 @@ def test_cpu_arena_is_populated_one_huge_page_per_call(monkeypatch):
 
     monkeypatch.setattr(cpu_module.ctypes, "CDLL", lambda *args, **kwargs: Libc())
     arena = torch.empty((9 << 20) + 12345, dtype=torch.uint8)
-    cpu_module._populate(arena)
+    cpu_module._populate(lambda: arena)
     page, huge = os.sysconf("SC_PAGE_SIZE"), 2 << 20
     start = -(-arena.data_ptr() // page) * page
     end = (arena.data_ptr() + arena.numel()) // page * page
@@ -78,6 +80,14 @@ def test_cpu_arena_is_populated_one_huge_page_per_call(monkeypatch):
     assert populated[0][0] == start and sum(n for _, n, _ in populated) == end - start
     assert all(a + n == b for (a, n, _), (b, _, _) in zip(populated, populated[1:]))  # in order, no gaps
     assert all(a // huge == (a + n - 1) // huge for a, n, _ in populated)  # none crosses a huge page
+
+
+def tier_and_its_populate(idle: IdleSignal) -> tuple[CpuTier, threading.Thread]:
+    """An 8 MiB CpuTier populated while `idle` is set, and its populate thread."""
+    before = set(threading.enumerate())
+    tier = CpuTier(8 << 20, 1 << 20, idle=idle)
+    (populate,) = [t for t in threading.enumerate() if t not in before and t.name == "lmcsgl-cpu-populate"]
+    return tier, populate
 
 
 def test_cpu_arena_is_populated_only_while_the_server_is_idle(monkeypatch):
@@ -95,13 +105,28 @@ def test_cpu_arena_is_populated_only_while_the_server_is_idle(monkeypatch):
 
     monkeypatch.setattr(cpu_module.ctypes, "CDLL", lambda *args, **kwargs: Libc())
     idle = IdleSignal()
-    CpuTier(8 << 20, 1 << 20, idle=idle)
-    populate = next(t for t in threading.enumerate() if t.name == "lmcsgl-cpu-populate")
+    tier, populate = tier_and_its_populate(idle)  # the tier stays alive: a dropped one's populate stops
     populate.join(timeout=0.5)
     assert populate.is_alive() and calls == [14]  # huge pages asked for, nothing populated
     idle.set()
     populate.join(timeout=10)
     assert not populate.is_alive() and calls[0] == 14 and len(calls) >= 5 and set(calls[1:]) == {23}
+
+
+def test_a_cpu_tier_dropped_before_the_server_idles_frees_its_arena_and_populate(monkeypatch):
+    """A populate waiting for idle time must not keep its arena alive: an engine that is
+    closed before its server ever idles (or never runs in one) frees its memory, and the
+    thread ends."""
+    from lmcache_sgl.storage import cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "_IDLE_POLL_S", 0.01)
+    tier, populate = tier_and_its_populate(IdleSignal())
+    arena = weakref.ref(tier._arena)
+    del tier
+    gc.collect()
+    assert arena() is None
+    populate.join(timeout=5)
+    assert not populate.is_alive()
 
 
 def test_cpu_arena_is_faulted_in_at_the_creators_priority(monkeypatch):

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,10 +42,11 @@ LANES = ("prefix", "segment")
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 _HUGE_PAGE = 2 << 20
+_IDLE_POLL_S = 1.0  # how often a populate waiting for idle time checks that its arena lives
 
 
-def _populate(arena: torch.Tensor, idle: IdleSignal | None = None) -> None:
-    """Back the arena with transparent huge pages where the kernel allows
+def _populate(arena: Callable[[], torch.Tensor | None], idle: IdleSignal | None = None) -> None:
+    """Back the arena `arena()` with transparent huge pages where the kernel allows
     (MADV_HUGEPAGE) and fault its pages in, lowest first, one huge page per call, without
     changing its bytes (MADV_POPULATE_WRITE), so that a first store into a slab takes no
     page faults. Short calls let the process's other threads map memory in between (in
@@ -55,21 +57,31 @@ def _populate(arena: torch.Tensor, idle: IdleSignal | None = None) -> None:
     20 s). With `idle`, each call waits until it is set (the server has nothing to run),
     so the populate never takes a core from requests (measured here: a restarted
     server's device and disk hits took 0.2-0.3 s while its 2 GiB populate ran, 0.05 and
-    0.08 s after it). Best effort: where the kernel lacks either advice, pages fault on
-    first write."""
+    0.08 s after it). `arena()` is None once the arena is gone (a weak reference): it is
+    held only during each call, never while waiting, and the populate then stops. Best
+    effort: where the kernel lacks either advice, pages fault on first write."""
     libc = ctypes.CDLL(None, use_errno=True)
     page = os.sysconf("SC_PAGE_SIZE")
-    start = -(-arena.data_ptr() // page) * page
-    end = (arena.data_ptr() + arena.numel()) // page * page
-    if end <= start:
+    tensor = arena()
+    if tensor is None:
         return
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel()) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    del tensor
     lo = start
     while lo < end:
-        if idle is not None:
-            idle.wait()
+        while idle is not None and not idle.wait(_IDLE_POLL_S):
+            if arena() is None:
+                return
+        tensor = arena()
+        if tensor is None:
+            return
         hi = min((lo // _HUGE_PAGE + 1) * _HUGE_PAGE, end)  # the next huge-page boundary
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_WRITE) != 0:
+        failed = libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_WRITE) != 0
+        del tensor
+        if failed:
             return
         lo = hi
 
@@ -117,7 +129,7 @@ class CpuTier:
         self._arena = torch.empty(self.num_slabs * slab_bytes, dtype=torch.uint8, pin_memory=pin)
         if not pin and sys.platform == "linux" and self._arena.numel():
             threading.Thread(
-                target=_populate, args=(self._arena, idle), name="lmcsgl-cpu-populate", daemon=True
+                target=_populate, args=(weakref.ref(self._arena), idle), name="lmcsgl-cpu-populate", daemon=True
             ).start()
         self._free = list(range(self.num_slabs - 1, -1, -1))  # pop() takes the lowest slab: populated first
         self._entries: dict[bytes, _Entry] = {}
