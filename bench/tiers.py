@@ -232,10 +232,10 @@ def _zstd_decoder(layout: ChunkLayout, chunk: torch.Tensor):
     ranges = [blocks[i * len(blocks) // workers : (i + 1) * len(blocks) // workers] for i in range(workers)]
     local = threading.local()
 
-    def decode(blocks: list) -> int:
+    def decode(part: list) -> int:
         if not hasattr(local, "dctx"):
             local.dctx = zstandard.ZstdDecompressor()
-        return sum(len(local.dctx.decompress(block)) for block in blocks)
+        return sum(len(local.dctx.decompress(block)) for block in part)
 
     return lambda: sum(pool.map(decode, ranges))
 

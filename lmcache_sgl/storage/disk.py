@@ -233,16 +233,12 @@ class DiskTier:
         with self._lock:
             paths = [self._file(key) for key in keys if key in self._index]
         for path in paths:
-            try:
+            with contextlib.suppress(OSError):
                 fd, _ = open_frame(path)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
         return contextlib.nullcontext()
 
     def get_into(self, key: bytes, layout: ChunkLayout, out: torch.Tensor, *, parallel: bool = True) -> int | None:
