@@ -439,6 +439,42 @@ def test_writes_wait_for_idle_but_not_longer_than_the_delay(tmp_path):
     disk.close()
 
 
+def test_requests_shorter_than_the_writers_poll_still_keep_writes_back():
+    """Back-to-back requests of a few ms each leave the server idle between them only for
+    moments: that is not idleness, however the writer's looks fall, so nothing is written
+    until the server stays idle for IDLE_SETTLE_S (or the chunk is overdue)."""
+    written: list[bytes] = []
+    idle = IdleSignal()
+    writer = AsyncWriter(lambda items: written.extend(k for k, _, _ in items), name="test", max_bytes=10**6,
+                         max_delay_s=30, idle=idle)
+    data = torch.zeros(16, dtype=torch.uint8)
+    assert writer.submit(key(1), ChunkLayout("bytes", "uint8", (16,)), Payload(data, 16))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # a request every 20 ms, each busy for 3 ms
+        idle.clear()
+        time.sleep(0.003)
+        idle.set()
+        time.sleep(0.017)
+    assert written == []
+    assert wait_until(lambda: written == [key(1)])  # now idle for good
+    assert writer.close(timeout=5)
+
+
+def test_writer_threads_run_at_the_creators_priority():
+    """A niced writer, descheduled while it held the GIL or a tier's lock, stalled the
+    scheduler's loads for tens of milliseconds."""
+    seen: list[int] = []
+
+    def sink(items):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    writer = AsyncWriter(sink, name="test", max_bytes=10**6, max_delay_s=10)
+    data = torch.zeros(16, dtype=torch.uint8)
+    assert writer.submit(key(1), ChunkLayout("bytes", "uint8", (16,)), Payload(data, 16))
+    assert writer.close(timeout=5)
+    assert seen == [os.getpriority(os.PRIO_PROCESS, threading.get_native_id())]
+
+
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=12), budget=st.integers(4, 8))
 def test_writer_queue_never_holds_more_copies_than_its_budget(sizes, budget):
