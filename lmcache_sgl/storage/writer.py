@@ -15,7 +15,6 @@ is dropped and counted). Borrowed payloads (pinned CPU-tier slabs) cost no queue
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
