@@ -196,4 +196,3 @@ class AsyncWriter:
             self._pending.discard(item.key)
             self.queued_bytes -= item.payload.owned_bytes
             self._cond.notify_all()
-
